@@ -1,0 +1,60 @@
+"""fastinpo: kernel-accelerated preference alignment of text-to-image diffusion models.
+
+Public API (stable; all paired tensors are ``(2B, ...)``, winners first):
+
+- losses: :func:`diffusion_dpo_loss`, :func:`inversion_dpo_loss`, :func:`sft_loss`, :func:`inpo_target`,
+  :class:`DiffusionDPOLoss`, :class:`InversionDPOLoss`, :class:`DPOLossOutput`;
+- inversion: :func:`ddim_inversion_step`, :func:`inpo_invert`, :func:`inversion_dpo_trajectory`;
+- schedule: :class:`NoiseSchedule`, :func:`inpo_grid`, :func:`inversion_dpo_grid`, :func:`inpo_noise_sigma`.
+
+Importing fastinpo needs neither a GPU, nor Triton, nor the compiled extension.
+"""
+
+from fastinpo.inversion import (
+    InPOInversion,
+    InversionDPOTrajectory,
+    ddim_inversion_step,
+    inpo_invert,
+    inversion_dpo_trajectory,
+)
+from fastinpo.losses import (
+    DiffusionDPOLoss,
+    InversionDPOLoss,
+    diffusion_dpo_loss,
+    inpo_target,
+    inversion_dpo_loss,
+    sft_loss,
+)
+from fastinpo.outputs import DPOLossOutput
+from fastinpo.schedule import (
+    InPOGrid,
+    InversionDPOGrid,
+    NoiseSchedule,
+    inpo_grid,
+    inpo_noise_sigma,
+    inversion_dpo_grid,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DPOLossOutput",
+    "DiffusionDPOLoss",
+    "InPOGrid",
+    "InPOInversion",
+    "InversionDPOGrid",
+    "InversionDPOLoss",
+    "InversionDPOTrajectory",
+    "NoiseSchedule",
+    "__version__",
+    "ddim_inversion_step",
+    "diffusion_dpo_loss",
+    "inpo_grid",
+    "inpo_invert",
+    "inpo_noise_sigma",
+    "inpo_target",
+    "inversion_dpo_grid",
+    "inversion_dpo_loss",
+    "inversion_dpo_trajectory",
+    "sft_loss",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from fastinpo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,338 @@
+"""DDIM inversion: the single step, the batched DDIM-InPO policy inversion, and the Inversion-DPO trajectory.
+
+The model is any callable ``model(x, t, cond) -> eps``: ``x`` is ``(n, ...)`` (cast to ``model_dtype`` if one is
+given), ``t`` an int64 tensor ``(n,)`` of timesteps (possibly negative: InPO's first call is at level
+``-T//K + steps_offset``, which goes into the time embedding as in the official code), and ``cond`` a pytree
+(tensor, dict, list, tuple or ``None``) whose tensors all have the batch as dim 0. The callable's output is
+read as float32 (float64 for float64 latents): every inversion state stays in that precision (SPEC §3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastinpo import checks, dispatch, reference
+from fastinpo.schedule import InPOGrid, InversionDPOGrid, NoiseSchedule, inpo_grid, inpo_noise_sigma, inversion_dpo_grid
+
+Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
+
+dispatch.register("ddim_inversion_step", "reference", reference.ddim_inversion_step)
+
+
+def _check_step_inputs(x, eps, alpha_from, alpha_to) -> None:
+    checks.tensor("x", x)
+    checks.tensor("eps", eps)
+    checks.same_shape(("x", "eps"), (x, eps))
+    checks.same_device(("x", "eps"), (x, eps))
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x must be (n, ...) with n >= 1, got {tuple(x.shape)}")
+    for name, a in (("alpha_from", alpha_from), ("alpha_to", alpha_to)):
+        checks.per_sample_vector(name, a, x.shape[0], x.device)
+        checks.alpha_range(name, a)
+
+
+def ddim_inversion_step(
+    x: torch.Tensor,
+    eps: torch.Tensor,
+    alpha_from: torch.Tensor,
+    alpha_to: torch.Tensor,
+    *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """One DDIM inversion step with per-sample alphas (SPEC §3).
+
+    ``x_next = sqrt(a_to) * (x - sqrt(1 - a_from) * eps) / sqrt(a_from) + sqrt(1 - a_to) * eps``, float32 math.
+
+    Args:
+        x, eps: ``(n, ...)`` state and the model's ε at the source level.
+        alpha_from, alpha_to: ``(n,)`` ᾱ of each sample's source and target level, in (0, 1]
+            (see :meth:`NoiseSchedule.alphas_at`, which maps a negative level to ``ᾱ_init``).
+        backend: ``"reference"``, ``"triton"``, ``"ext"``, or ``None`` for the dispatcher's choice.
+
+    Returns:
+        ``(n, ...)`` in ``x``'s dtype.
+    """
+    _check_step_inputs(x, eps, alpha_from, alpha_to)
+    _, fn = dispatch.resolve("ddim_inversion_step", backend, (x, eps, alpha_from, alpha_to))
+    return fn(x, eps, alpha_from, alpha_to)
+
+
+# ----------------------------------------------------------------------------------------------- pytree helpers
+def select_cond(cond: Any, index: torch.Tensor) -> Any:
+    """``cond`` restricted to the samples in ``index`` (every tensor is indexed along dim 0)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond.index_select(0, index.to(cond.device))
+    if isinstance(cond, dict):
+        return {k: select_cond(v, index) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(select_cond(v, index) for v in cond)
+    raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
+
+
+def concat_cond(first: Any, second: Any) -> Any:
+    """Two conds of the same structure stacked along dim 0 (e.g. ``[uncond; cond]`` for one CFG call)."""
+    if first is None and second is None:
+        return None
+    if isinstance(first, torch.Tensor) and isinstance(second, torch.Tensor):
+        return torch.cat([first, second], 0)
+    if isinstance(first, dict) and isinstance(second, dict) and first.keys() == second.keys():
+        return {k: concat_cond(first[k], second[k]) for k in first}
+    if isinstance(first, (list, tuple)) and type(first) is type(second) and len(first) == len(second):
+        return type(first)(concat_cond(a, b) for a, b in zip(first, second))
+    raise TypeError(f"cond structures differ: {type(first).__name__} vs {type(second).__name__}")
+
+
+def zero_uncond(cond: Any, keep: Sequence[str] = ("time_ids",)) -> Any:
+    """The Inversion-DPO unconditional branch (SPEC §4): every tensor of ``cond`` zeroed, except dict entries
+    named in ``keep`` (SDXL's ``time_ids`` stay those of the conditional branch)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return torch.zeros_like(cond)
+    if isinstance(cond, dict):
+        return {k: (v if k in keep else zero_uncond(v, keep)) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(zero_uncond(v, keep) for v in cond)
+    raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
+
+
+def _call_model(model: Model, x: torch.Tensor, level: int, cond: Any, model_dtype, out_dtype) -> torch.Tensor:
+    t = torch.full((x.shape[0],), level, dtype=torch.int64, device=x.device)
+    eps = model(x if model_dtype is None else x.to(model_dtype), t, cond)
+    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
+        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
+        raise ValueError(f"the model must return eps shaped like its input {tuple(x.shape)}, got {got}")
+    return eps.to(out_dtype)
+
+
+def guided_eps(
+    model: Model,
+    x: torch.Tensor,
+    level: int,
+    cond: Any,
+    uncond: Any,
+    guidance_scale: float,
+    *,
+    model_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """``ε^cfg = ε(x, t, ∅) + g * (ε(x, t, c) - ε(x, t, ∅))`` with one model call on ``[x; x]``, float32 result.
+
+    ``guidance_scale == 1`` makes a single conditional call (the same value, half the work).
+    """
+    out_dtype = reference.accumulation_dtype(x.dtype)
+    if guidance_scale == 1.0:
+        return _call_model(model, x, level, cond, model_dtype, out_dtype)
+    both = _call_model(model, torch.cat([x, x], 0), level, concat_cond(uncond, cond), model_dtype, out_dtype)
+    eps_u, eps_c = both.chunk(2, 0)
+    return reference.cfg_combine(eps_u, eps_c, guidance_scale)
+
+
+# ----------------------------------------------------------------------------------------------- DDIM-InPO
+@dataclass
+class InPOInversion:
+    """Result of :func:`inpo_invert`.
+
+    Attributes:
+        latents: ``(2B, ...)`` the inverted latents ``x̃`` (float32; float64 for float64 ``z0``), caller's order.
+        num_steps: ``(B,)`` int64, inversion steps (= policy evaluations) each pair took, in ``[1, K]``.
+        end_levels: ``(B,)`` int64, the grid level each pair reached (not its ``t``; SPEC §3).
+        num_model_calls: model calls made (= the largest ``num_steps``).
+        samples_per_call: how many samples each call saw (``2 × active pairs``).
+    """
+
+    latents: torch.Tensor
+    num_steps: torch.Tensor
+    end_levels: torch.Tensor
+    num_model_calls: int
+    samples_per_call: list[int]
+
+
+def _draw_noise(generator, shape, sample_ids: list[int], dtype, device) -> torch.Tensor:
+    """N(0, I) noise for the samples in ``index``: from one generator (one draw for all), or from one generator
+    per sample (each sample's draws then depend on nothing but its own generator: batch-independent)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.randn((len(sample_ids), *shape), generator=generator, dtype=dtype, device=device)
+    return torch.stack([torch.randn(shape, generator=generator[i], dtype=dtype, device=device) for i in sample_ids])
+
+
+def inpo_invert(
+    model: Model,
+    z0: torch.Tensor,
+    t: torch.Tensor,
+    cond: Any,
+    schedule: NoiseSchedule,
+    *,
+    num_levels: int = 10,
+    eta: float = 0.0,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    model_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> InPOInversion:
+    """DDIM-InPO policy inversion of a batch of pairs, each up to its own timestep (SPEC §3).
+
+    For each source level ``τ`` of the grid (``g_{-1}, g_0, …, g_{K-2}``) in increasing order, the pairs with
+    ``τ < t`` are active: one model call on exactly those samples (winners and losers of the active pairs,
+    gathered into one batch) gives ``eps = ε_θ(x, τ, c)``, then ``x = step(x, eps, τ → τ + T//K)`` and
+    ``x += η σ n`` with ``n ~ N(0, I)`` independent per sample. Pairs are processed in order of decreasing step
+    count so the active pairs at every step are a prefix of that order; results come back in the caller's order.
+
+    Args:
+        model: the **policy**, ``model(x, t, cond) -> eps``, called without grad (wrap it in ``torch.no_grad``
+            yourself if it has parameters; this function does so).
+        z0: ``(2B, ...)`` clean latents, winners first.
+        t: ``(B,)`` int64, each pair's sampled training timestep in ``[0, T)``.
+        cond: conditioning pytree with ``2B`` rows (same as training, no CFG).
+        schedule: the model's :class:`NoiseSchedule`.
+        num_levels: K (official 10).
+        eta: noise scale η >= 0 (official 0.1; 0 is deterministic).
+        generator: one ``torch.Generator``, or one per sample (``2B`` of them, caller's order) so that each
+            sample's noise does not depend on the rest of the batch; on ``z0``'s device.
+        model_dtype: dtype the model input is cast to (the state itself stays float32).
+        backend: backend of the inversion step (see :func:`ddim_inversion_step`).
+
+    Returns:
+        :class:`InPOInversion`. Costs one host sync (the step counts), before the first model call.
+    """
+    checks.tensor("z0", z0)
+    B = checks.paired("z0", z0)
+    checks.tensor("t", t, floating=False)
+    if t.dtype.is_floating_point or t.dtype == torch.bool or tuple(t.shape) != (B,):
+        raise ValueError(f"t must be an integer tensor of shape ({B},) (one timestep per pair), got "
+                         f"{t.dtype} {tuple(t.shape)}")
+    if t.device != z0.device:
+        raise ValueError(f"t must be on {z0.device} like z0, got {t.device}")
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
+        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        generator = list(generator)
+        if len(generator) != 2 * B or not all(isinstance(g, torch.Generator) for g in generator):
+            raise ValueError(f"generator must be a torch.Generator or a sequence of {2 * B} of them (one per sample)")
+    for g in [generator] if isinstance(generator, torch.Generator) else generator or []:
+        if g.device.type != z0.device.type:
+            raise ValueError(f"generator is on {g.device}, but z0 is on {z0.device}: noise is drawn on z0's device")
+    T = schedule.num_train_timesteps
+    t_host = t.tolist()  # the one host sync: step counts decide the batch size of every model call
+    if min(t_host) < 0 or max(t_host) >= T:
+        raise ValueError(f"t must lie in [0, {T}), got values in [{min(t_host)}, {max(t_host)}]")
+
+    grid: InPOGrid = inpo_grid(schedule, num_levels)
+    src_host = grid.source_levels.tolist()
+    counts = [sum(1 for s in src_host if s < ti) for ti in t_host]
+    order = sorted(range(B), key=lambda i: -counts[i])  # stable: ties keep the caller's order
+    _, step_fn = dispatch.resolve("ddim_inversion_step", backend, (z0,))
+
+    acc = reference.accumulation_dtype(z0.dtype)
+    x = z0.detach().to(acc).clone()
+    device = z0.device
+    samples_per_call: list[int] = []
+    with torch.no_grad():
+        for k in range(max(counts)):
+            n_active = sum(1 for c in counts if c > k)
+            pairs = order[:n_active]
+            rows = pairs + [p + B for p in pairs]
+            full = n_active == B
+            index = None if full else torch.tensor(rows, dtype=torch.int64, device=device)
+            x_in = x if full else x.index_select(0, index)
+            c_in = cond if full else select_cond(cond, index)
+            eps = _call_model(model, x_in, src_host[k], c_in, model_dtype, acc)
+            a_from = torch.full((len(rows),), schedule.alpha_init if src_host[k] < 0 else
+                                float(schedule.alphas_cumprod[src_host[k]]), dtype=acc, device=device)
+            a_to = torch.full_like(a_from, float(schedule.alphas_cumprod[int(grid.levels[k])]))
+            x_new = step_fn(x_in, eps, a_from, a_to)
+            if eta > 0:
+                sigma = inpo_noise_sigma(a_from[:1], a_to[:1])
+                sample_ids = list(range(2 * B)) if full else rows
+                noise = _draw_noise(generator, x.shape[1:], sample_ids, acc, device)
+                x_new = x_new + eta * sigma.view(*([1] * x.dim())) * noise
+            if full:
+                x = x_new
+            else:
+                x.index_copy_(0, index, x_new)
+            samples_per_call.append(len(rows))
+
+    num_steps = torch.tensor(counts, dtype=torch.int64, device=device)
+    return InPOInversion(
+        latents=x,
+        num_steps=num_steps,
+        end_levels=grid.levels.to(device)[num_steps - 1],
+        num_model_calls=len(samples_per_call),
+        samples_per_call=samples_per_call,
+    )
+
+
+# ----------------------------------------------------------------------------------------------- Inversion-DPO
+@dataclass
+class InversionDPOTrajectory:
+    """Result of :func:`inversion_dpo_trajectory`.
+
+    Attributes:
+        latents: ``(N, 2B, ...)`` float32, ``x^(i)`` for ``i = 0..N-1`` (``x^(0) = x^(1) = z0`` on SD configs).
+        ref_eps: ``(N, 2B, ...)`` float32, the reference's guided ``ε_ref^cfg(x^(i), t_i, c)``.
+        grid: the :class:`InversionDPOGrid` (timesteps ``t_i`` and weights ``w_i``).
+    """
+
+    latents: torch.Tensor
+    ref_eps: torch.Tensor
+    grid: InversionDPOGrid
+
+
+def inversion_dpo_trajectory(
+    ref_model: Model,
+    z0: torch.Tensor,
+    cond: Any,
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int = 40,
+    guidance_scale: float = 2.0,
+    uncond: Any = None,
+    model_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> InversionDPOTrajectory:
+    """The deterministic Inversion-DPO trajectory of the **reference** model (SPEC §4).
+
+    ``x^(0) = z0``; ``eps_i = ε_ref^cfg(x^(i), t_i, c)`` (evaluated at the *target* level ``t_i``, as the released
+    code does), ``x^(i+1) = step(x^(i), eps_i, t_i - T//N → t_i)``. ``x^(N)`` is never used, so N model calls.
+
+    Args:
+        ref_model: ``model(x, t, cond) -> eps``, called without grad.
+        z0: ``(2B, ...)`` clean latents (winners and losers are inverted together, in one batch).
+        cond: conditioning pytree with ``2B`` rows.
+        schedule: the model's :class:`NoiseSchedule`.
+        num_steps: N (official SDXL 80, default 40).
+        guidance_scale: g (official 2.0).
+        uncond: the unconditional pytree; default :func:`zero_uncond` of ``cond`` (zero embeddings, same
+            ``time_ids``).
+        model_dtype: dtype the model input is cast to.
+        backend: backend of the inversion step.
+    """
+    checks.tensor("z0", z0)
+    checks.paired("z0", z0)
+    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
+        raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+    grid = inversion_dpo_grid(schedule, num_steps)
+    if uncond is None:
+        uncond = zero_uncond(cond)
+    _, step_fn = dispatch.resolve("ddim_inversion_step", backend, (z0,))
+    acc = reference.accumulation_dtype(z0.dtype)
+    n = z0.shape[0]
+    x = z0.detach().to(acc)
+    latents, eps_all = [], []
+    with torch.no_grad():
+        for i in range(grid.num_steps):
+            level = int(grid.timesteps[i])
+            eps = guided_eps(ref_model, x, level, cond, uncond, float(guidance_scale), model_dtype=model_dtype)
+            latents.append(x)
+            eps_all.append(eps)
+            if i + 1 < grid.num_steps:
+                src = int(grid.source_levels[i])
+                a_from = torch.full((n,), schedule.alpha_init if src < 0 else float(schedule.alphas_cumprod[src]),
+                                    dtype=acc, device=z0.device)
+                a_to = torch.full_like(a_from, float(schedule.alphas_cumprod[level]))
+                x = step_fn(x, eps, a_from, a_to)
+    return InversionDPOTrajectory(torch.stack(latents), torch.stack(eps_all), grid)

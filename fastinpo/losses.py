@@ -1,0 +1,171 @@
+"""The public loss functions and modules: validate the inputs, then dispatch (one dispatch point,
+:mod:`fastinpo.dispatch`) to the reference (:mod:`fastinpo.reference`) or a fast path.
+
+All paired tensors are ``(2B, ...)`` with winners first, then losers (Inversion-DPO: ``(N, 2B, ...)``). The losses
+are differentiable with respect to the policy's predictions only; ``ref_pred``/``ref_preds``, ``target`` and
+``weights`` are constants.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fastinpo import checks, dispatch, reference
+from fastinpo.outputs import DPOLossOutput
+
+dispatch.register("diffusion_dpo_loss", "reference", reference.diffusion_dpo_loss)
+dispatch.register("inversion_dpo_loss", "reference", reference.inversion_dpo_loss)
+
+
+def _check_paired_preds(names: tuple[str, ...], values: tuple[torch.Tensor, ...], batch_dim: int) -> int:
+    for name, value in zip(names, values):
+        checks.tensor(name, value)
+    checks.same_shape(names, values)
+    checks.same_device(names, values)
+    if values[0].dim() < batch_dim + 2:
+        raise ValueError(
+            f"{names[0]} must have at least one dimension after the batch dimension "
+            f"(per-sample data), got shape {tuple(values[0].shape)}"
+        )
+    return checks.paired(names[0], values[0], batch_dim=batch_dim)
+
+
+def diffusion_dpo_loss(
+    model_pred: torch.Tensor,
+    ref_pred: torch.Tensor,
+    target: torch.Tensor,
+    beta: float,
+    *,
+    backend: str | None = None,
+) -> DPOLossOutput:
+    """Diffusion-DPO loss (SPEC §2), the loss DDIM-InPO reuses with ``target = ε*``.
+
+    ``m = mse(model_pred, target)``, ``r = mse(ref_pred, target)`` per sample (float32 accumulation),
+    ``logits = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))``, ``loss = mean(-logsigmoid(logits))``.
+
+    Args:
+        model_pred: ``(2B, ...)`` policy prediction, winners first; the only input that gets a gradient.
+        ref_pred: ``(2B, ...)`` reference prediction (any floating dtype, e.g. fp16).
+        target: ``(2B, ...)`` the noise ε (or velocity, or InPO's ε*).
+        beta: temperature > 0 (official: Diffusion-DPO 5000, InPO 2000 SD1.5 / 5000 SDXL).
+        backend: ``"reference"``, ``"triton"``, or ``None`` for the dispatcher's choice.
+
+    Returns:
+        :class:`DPOLossOutput` with ``loss`` (scalar), ``logits`` ``(B,)``, ``model_mse``/``ref_mse`` ``(2B,)``,
+        ``implicit_acc`` (scalar).
+    """
+    names = ("model_pred", "ref_pred", "target")
+    _check_paired_preds(names, (model_pred, ref_pred, target), batch_dim=0)
+    beta = checks.positive_float("beta", beta)
+    _, fn = dispatch.resolve("diffusion_dpo_loss", backend, (model_pred, ref_pred, target))
+    return fn(model_pred, ref_pred, target, beta)
+
+
+def inversion_dpo_loss(
+    model_preds: torch.Tensor,
+    ref_preds: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float,
+    *,
+    flip_sign: bool = False,
+    backend: str | None = None,
+) -> DPOLossOutput:
+    """Inversion-DPO loss (SPEC §4).
+
+    ``D = (1/N) Σ_i w_i * mse(model_preds[i], ref_preds[i])`` per sample, ``logits = -0.5 * beta * (D_w - D_l)``
+    (the paper's sign; ``flip_sign=True`` gives the released code's ``+``), ``loss = mean(-logsigmoid(logits))``.
+
+    Args:
+        model_preds: ``(N, 2B, ...)`` policy ε (with CFG) at the N grid points, winners first along dim 1.
+        ref_preds: ``(N, 2B, ...)`` reference ε at the same points.
+        weights: ``(N,)`` per-step weights ``w_i = 1 / (2 ᾱ_{t_i})`` (see :func:`fastinpo.inversion_dpo_grid`);
+            the loss applies the ``1/N`` itself.
+        beta: temperature > 0 (official 2000).
+        flip_sign: use the released code's sign.
+        backend: ``"reference"``, ``"triton"``, or ``None`` for the dispatcher's choice.
+
+    Returns:
+        :class:`DPOLossOutput`; ``model_mse`` holds D ``(2B,)``, ``ref_mse`` zeros.
+    """
+    names = ("model_preds", "ref_preds")
+    _check_paired_preds(names, (model_preds, ref_preds), batch_dim=1)
+    checks.tensor("weights", weights)
+    N = model_preds.shape[0]
+    if N == 0:
+        raise ValueError("model_preds must hold at least one step (N >= 1), got N = 0")
+    checks.per_sample_vector("weights", weights, N, model_preds.device)
+    if not isinstance(flip_sign, bool):
+        raise TypeError(f"flip_sign must be a bool, got {type(flip_sign).__name__}")
+    beta = checks.positive_float("beta", beta)
+    _, fn = dispatch.resolve("inversion_dpo_loss", backend, (model_preds, ref_preds, weights))
+    return fn(model_preds, ref_preds, weights, beta, flip_sign)
+
+
+def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """SFT-on-winners loss (SPEC §5): ``mean(mse(model_pred, target))`` over ``(n, ...)`` winners, float32 scalar."""
+    names = ("model_pred", "target")
+    for name, value in zip(names, (model_pred, target)):
+        checks.tensor(name, value)
+    checks.same_shape(names, (model_pred, target))
+    checks.same_device(names, (model_pred, target))
+    if model_pred.dim() < 2 or model_pred.shape[0] == 0:
+        raise ValueError(f"model_pred must be (n, ...) with n >= 1 and per-sample data, got {tuple(model_pred.shape)}")
+    return reference.sft_loss(model_pred, target)
+
+
+def inpo_target(x_t: torch.Tensor, z0: torch.Tensor, alpha_t: torch.Tensor) -> torch.Tensor:
+    """The reparametrized DDIM-InPO target (SPEC §3): ``ε* = (x̃ - sqrt(ᾱ_t) z0) / sqrt(1 - ᾱ_t)``, float32.
+
+    Args:
+        x_t: ``(2B, ...)`` inverted latents ``x̃``.
+        z0: ``(2B, ...)`` clean latents.
+        alpha_t: ``(2B,)`` ᾱ of each sample's own sampled ``t`` (not of the level the inversion reached), in (0, 1).
+    """
+    names = ("x_t", "z0")
+    for name, value in zip(names, (x_t, z0)):
+        checks.tensor(name, value)
+    checks.same_shape(names, (x_t, z0))
+    checks.same_device(names, (x_t, z0))
+    if x_t.dim() < 1 or x_t.shape[0] == 0:
+        raise ValueError(f"x_t must be (n, ...) with n >= 1, got {tuple(x_t.shape)}")
+    checks.per_sample_vector("alpha_t", alpha_t, x_t.shape[0], x_t.device)
+    checks.alpha_range("alpha_t", alpha_t, allow_one=False)
+    return reference.inpo_target(x_t, z0, alpha_t)
+
+
+class DiffusionDPOLoss(nn.Module):
+    """Module form of :func:`diffusion_dpo_loss`: ``DiffusionDPOLoss(beta)(model_pred, ref_pred, target)``."""
+
+    def __init__(self, beta: float, *, backend: str | None = None):
+        super().__init__()
+        self.beta = checks.positive_float("beta", beta)
+        dispatch.requested_backend(backend)  # fail early on a misspelt name
+        self.backend = backend
+
+    def forward(self, model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor) -> DPOLossOutput:
+        return diffusion_dpo_loss(model_pred, ref_pred, target, self.beta, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, backend={self.backend!r}"
+
+
+class InversionDPOLoss(nn.Module):
+    """Module form of :func:`inversion_dpo_loss`: ``InversionDPOLoss(beta)(model_preds, ref_preds, weights)``."""
+
+    def __init__(self, beta: float, flip_sign: bool = False, *, backend: str | None = None):
+        super().__init__()
+        self.beta = checks.positive_float("beta", beta)
+        if not isinstance(flip_sign, bool):
+            raise TypeError(f"flip_sign must be a bool, got {type(flip_sign).__name__}")
+        self.flip_sign = flip_sign
+        dispatch.requested_backend(backend)
+        self.backend = backend
+
+    def forward(self, model_preds: torch.Tensor, ref_preds: torch.Tensor, weights: torch.Tensor) -> DPOLossOutput:
+        return inversion_dpo_loss(
+            model_preds, ref_preds, weights, self.beta, flip_sign=self.flip_sign, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"beta={self.beta}, flip_sign={self.flip_sign}, backend={self.backend!r}"
