@@ -38,14 +38,14 @@ def paired(name: str, value: torch.Tensor, *, batch_dim: int = 0) -> int:
 def same_shape(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -> None:
     shapes = [tuple(v.shape) for v in values]
     if any(s != shapes[0] for s in shapes[1:]):
-        listing = ", ".join(f"{n} {s}" for n, s in zip(names, shapes))
+        listing = ", ".join(f"{n} {s}" for n, s in zip(names, shapes, strict=False))
         raise ValueError(f"shapes must match exactly (no broadcasting): got {listing}")
 
 
 def same_device(names: tuple[str, ...], values: tuple[torch.Tensor, ...]) -> None:
     devices = [v.device for v in values]
     if any(d != devices[0] for d in devices[1:]):
-        listing = ", ".join(f"{n} on {d}" for n, d in zip(names, devices))
+        listing = ", ".join(f"{n} on {d}" for n, d in zip(names, devices, strict=False))
         raise ValueError(f"tensors must be on one device: got {listing}")
 
 

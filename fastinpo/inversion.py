@@ -84,7 +84,7 @@ def concat_cond(first: Any, second: Any) -> Any:
     if isinstance(first, dict) and isinstance(second, dict) and first.keys() == second.keys():
         return {k: concat_cond(first[k], second[k]) for k in first}
     if isinstance(first, (list, tuple)) and type(first) is type(second) and len(first) == len(second):
-        return type(first)(concat_cond(a, b) for a, b in zip(first, second))
+        return type(first)(concat_cond(a, b) for a, b in zip(first, second, strict=False))
     raise TypeError(f"cond structures differ: {type(first).__name__} vs {type(second).__name__}")
 
 

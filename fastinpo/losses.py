@@ -19,7 +19,7 @@ dispatch.register("inversion_dpo_loss", "reference", reference.inversion_dpo_los
 
 
 def _check_paired_preds(names: tuple[str, ...], values: tuple[torch.Tensor, ...], batch_dim: int) -> int:
-    for name, value in zip(names, values):
+    for name, value in zip(names, values, strict=False):
         checks.tensor(name, value)
     checks.same_shape(names, values)
     checks.same_device(names, values)
@@ -105,7 +105,7 @@ def inversion_dpo_loss(
 def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """SFT-on-winners loss (SPEC §5): ``mean(mse(model_pred, target))`` over ``(n, ...)`` winners, float32 scalar."""
     names = ("model_pred", "target")
-    for name, value in zip(names, (model_pred, target)):
+    for name, value in zip(names, (model_pred, target), strict=False):
         checks.tensor(name, value)
     checks.same_shape(names, (model_pred, target))
     checks.same_device(names, (model_pred, target))
@@ -123,7 +123,7 @@ def inpo_target(x_t: torch.Tensor, z0: torch.Tensor, alpha_t: torch.Tensor) -> t
         alpha_t: ``(2B,)`` ᾱ of each sample's own sampled ``t`` (not of the level the inversion reached), in (0, 1).
     """
     names = ("x_t", "z0")
-    for name, value in zip(names, (x_t, z0)):
+    for name, value in zip(names, (x_t, z0), strict=False):
         checks.tensor(name, value)
     checks.same_shape(names, (x_t, z0))
     checks.same_device(names, (x_t, z0))

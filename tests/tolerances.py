@@ -51,7 +51,9 @@ def assert_close_lowp(actual, expected64, plain, dtype: torch.dtype, *, what: st
     plain_err = float((p - e).abs().max())
     scale = max(1.0, float(e.abs().max()))
     bound = LOW_PRECISION_FACTOR * plain_err + LOW_PRECISION_FLOOR[dtype] * scale
-    assert err <= bound, f"{what}: error {err:.3e} > {LOW_PRECISION_FACTOR} x plain {dtype} error {plain_err:.3e} + floor"
+    assert err <= bound, (
+        f"{what}: error {err:.3e} > {LOW_PRECISION_FACTOR} x plain {dtype} error {plain_err:.3e} + floor"
+    )
 
 
 def assert_matches(actual, expected64, *, dtype: torch.dtype, plain=None, what: str = ""):

@@ -1,0 +1,39 @@
+"""The command line: ``fastinpo env`` and ``fastinpo quickstart``."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from fastinpo.cli import main
+
+
+def test_env_reports_backends(capsys):
+    assert main(["env", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    names = {b["name"]: b for b in info["backends"]}
+    assert names["reference"]["available"] is True
+    assert set(names) == {"reference", "triton", "triton-interpreter", "ext-cpu", "ext-cuda"}
+    assert "diffusion_dpo_loss" in info["ops"] and "reference" in info["ops"]["diffusion_dpo_loss"]
+    assert info["packages"]["torch"].startswith("2.")
+    assert main(["env"]) == 0
+    assert "backends:" in capsys.readouterr().out
+
+
+def test_quickstart_runs(capsys):
+    assert main(["quickstart", "--pairs", "2", "--seed", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "DDIM-InPO" in out and "Inversion-DPO" in out
+
+
+def test_bad_arguments_give_a_clear_error(capsys):
+    assert main(["quickstart", "--pairs", "0"]) == 2
+    assert "pairs must be >= 1" in capsys.readouterr().err
+    assert main(["quickstart", "--backend", "cuda"]) == 2
+    assert "unknown backend 'cuda'" in capsys.readouterr().err
+
+
+def test_console_script_entry_point():
+    out = subprocess.run([sys.executable, "-m", "fastinpo", "env"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "reference" in out.stdout
