@@ -26,7 +26,8 @@ test-core: $(STAMP)
 
 # TRITON_INTERPRET must be set before triton is imported: its own process.
 test-triton: $(STAMP)
-	TRITON_INTERPRET=1 bash scripts/run_pytest.sh --allow-empty -q tests/triton
+	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 bash scripts/run_pytest.sh --allow-empty -q tests/triton; \
+	else echo "[test-triton] no tests/triton yet: no Triton kernel to test"; fi
 
 lint: $(STAMP)
 	$(PY) -m ruff check fastinpo kernels tests benchmarks
