@@ -75,6 +75,19 @@ def select_cond(cond: Any, index: torch.Tensor) -> Any:
     raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
 
 
+def slice_cond(cond: Any, n: int) -> Any:
+    """The first ``n`` rows of every tensor of ``cond`` (views, no copy)."""
+    if cond is None:
+        return None
+    if isinstance(cond, torch.Tensor):
+        return cond[:n]
+    if isinstance(cond, dict):
+        return {k: slice_cond(v, n) for k, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(slice_cond(v, n) for v in cond)
+    raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
+
+
 def concat_cond(first: Any, second: Any) -> Any:
     """Two conds of the same structure stacked along dim 0 (e.g. ``[uncond; cond]`` for one CFG call)."""
     if first is None and second is None:
@@ -153,12 +166,12 @@ class InPOInversion:
     samples_per_call: list[int]
 
 
-def _draw_noise(generator, shape, sample_ids: list[int], dtype, device) -> torch.Tensor:
-    """N(0, I) noise for the samples in ``index``: from one generator (one draw for all), or from one generator
-    per sample (each sample's draws then depend on nothing but its own generator: batch-independent)."""
+def _draw_noise(generator, shape, dtype, device) -> torch.Tensor:
+    """N(0, I) noise of ``shape``: one draw from one generator, or one draw per row from a list of generators
+    (each sample's draws then depend on nothing but its own generator: batch-independent)."""
     if generator is None or isinstance(generator, torch.Generator):
-        return torch.randn((len(sample_ids), *shape), generator=generator, dtype=dtype, device=device)
-    return torch.stack([torch.randn(shape, generator=generator[i], dtype=dtype, device=device) for i in sample_ids])
+        return torch.randn(shape, generator=generator, dtype=dtype, device=device)
+    return torch.stack([torch.randn(shape[1:], generator=g, dtype=dtype, device=device) for g in generator])
 
 
 def inpo_invert(
@@ -179,8 +192,9 @@ def inpo_invert(
     For each source level ``τ`` of the grid (``g_{-1}, g_0, …, g_{K-2}``) in increasing order, the pairs with
     ``τ < t`` are active: one model call on exactly those samples (winners and losers of the active pairs,
     gathered into one batch) gives ``eps = ε_θ(x, τ, c)``, then ``x = step(x, eps, τ → τ + T//K)`` and
-    ``x += η σ n`` with ``n ~ N(0, I)`` independent per sample. Pairs are processed in order of decreasing step
-    count so the active pairs at every step are a prefix of that order; results come back in the caller's order.
+    ``x += η σ n`` with ``n ~ N(0, I)`` independent per sample. Pairs are laid out in order of decreasing step
+    count, winner and loser side by side, so the active samples at every step are a prefix of the batch and each
+    model call gets a view of it; results come back in the caller's order.
 
     Args:
         model: the **policy**, ``model(x, t, cond) -> eps``, called without grad (wrap it in ``torch.no_grad``
@@ -224,41 +238,39 @@ def inpo_invert(
     grid: InPOGrid = inpo_grid(schedule, num_levels)
     src_host = grid.source_levels.tolist()
     counts = [sum(1 for s in src_host if s < ti) for ti in t_host]
-    order = sorted(range(B), key=lambda i: -counts[i])  # stable: ties keep the caller's order
+    # Prefix layout: pairs sorted by decreasing step count (stable), each pair's winner and loser side by side,
+    # so the samples active at step k are the first 2 * n_k rows — a view, no gather, for every model call.
+    order = sorted(range(B), key=lambda i: -counts[i])
+    perm = [row for p in order for row in (p, p + B)]
     _, step_fn = dispatch.resolve("ddim_inversion_step", backend, (z0,))
 
     acc = reference.accumulation_dtype(z0.dtype)
-    x = z0.detach().to(acc).clone()
     device = z0.device
+    perm_index = torch.tensor(perm, dtype=torch.int64, device=device)
+    x = z0.detach().to(acc).index_select(0, perm_index)  # a fresh float32 copy in prefix layout
+    cond_perm = select_cond(cond, perm_index)
+    gens = [generator[i] for i in perm] if isinstance(generator, list) else generator
     samples_per_call: list[int] = []
     with torch.no_grad():
         for k in range(max(counts)):
-            n_active = sum(1 for c in counts if c > k)
-            pairs = order[:n_active]
-            rows = pairs + [p + B for p in pairs]
-            full = n_active == B
-            index = None if full else torch.tensor(rows, dtype=torch.int64, device=device)
-            x_in = x if full else x.index_select(0, index)
-            c_in = cond if full else select_cond(cond, index)
-            eps = _call_model(model, x_in, src_host[k], c_in, model_dtype, acc)
-            a_from = torch.full((len(rows),), schedule.alpha_init if src_host[k] < 0 else
+            n = 2 * sum(1 for c in counts if c > k)
+            x_in = x[:n]
+            eps = _call_model(model, x_in, src_host[k], slice_cond(cond_perm, n), model_dtype, acc)
+            a_from = torch.full((n,), schedule.alpha_init if src_host[k] < 0 else
                                 float(schedule.alphas_cumprod[src_host[k]]), dtype=acc, device=device)
             a_to = torch.full_like(a_from, float(schedule.alphas_cumprod[int(grid.levels[k])]))
             x_new = step_fn(x_in, eps, a_from, a_to)
             if eta > 0:
                 sigma = inpo_noise_sigma(a_from[:1], a_to[:1])
-                sample_ids = list(range(2 * B)) if full else rows
-                noise = _draw_noise(generator, x.shape[1:], sample_ids, acc, device)
+                noise = _draw_noise(gens if not isinstance(gens, list) else gens[:n], (n, *x.shape[1:]), acc, device)
                 x_new = x_new + eta * sigma.view(*([1] * x.dim())) * noise
-            if full:
-                x = x_new
-            else:
-                x.index_copy_(0, index, x_new)
-            samples_per_call.append(len(rows))
+            x[:n] = x_new
+            samples_per_call.append(n)
 
+    latents = torch.empty_like(x).index_copy_(0, perm_index, x)  # back to the caller's order
     num_steps = torch.tensor(counts, dtype=torch.int64, device=device)
     return InPOInversion(
-        latents=x,
+        latents=latents,
         num_steps=num_steps,
         end_levels=grid.levels.to(device)[num_steps - 1],
         num_model_calls=len(samples_per_call),
