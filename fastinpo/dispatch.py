@@ -37,12 +37,15 @@ class BackendImpl:
     """One implementation of one op.
 
     ``fn`` is the callable; ``can_run(tensors)`` returns ``None`` when it can run on those tensors, else a
-    human-readable reason why not; ``auto`` says whether the automatic choice may pick it.
+    human-readable reason why not; ``auto`` says whether the automatic choice may pick it. ``auto_can_run``, if
+    given, replaces ``can_run`` for the automatic choice only: a backend that *can* run somewhere (Triton's
+    interpreter on CPU, asked for by name) without being picked there automatically.
     """
 
     fn: Callable
     can_run: Callable[[Sequence[torch.Tensor]], str | None]
     auto: bool = True
+    auto_can_run: Callable[[Sequence[torch.Tensor]], str | None] | None = None
 
 
 _REGISTRY: dict[str, dict[str, BackendImpl]] = {}
@@ -55,11 +58,19 @@ def _always(_tensors: Sequence[torch.Tensor]) -> str | None:
     return None
 
 
-def register(op: str, backend: str, fn: Callable, can_run: Callable | None = None, *, auto: bool = True) -> None:
-    """Register ``fn`` as the ``backend`` implementation of ``op``."""
+def register(
+    op: str,
+    backend: str,
+    fn: Callable,
+    can_run: Callable | None = None,
+    *,
+    auto: bool = True,
+    auto_can_run: Callable | None = None,
+) -> None:
+    """Register ``fn`` as the ``backend`` implementation of ``op`` (``auto_can_run``: see :class:`BackendImpl`)."""
     if backend not in KNOWN_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; known backends: {', '.join(KNOWN_BACKENDS)}")
-    _REGISTRY.setdefault(op, {})[backend] = BackendImpl(fn, can_run or _always, auto)
+    _REGISTRY.setdefault(op, {})[backend] = BackendImpl(fn, can_run or _always, auto, auto_can_run)
 
 
 def register_lazy_loader(loader: Callable[[], None]) -> None:
@@ -118,7 +129,9 @@ def resolve(op: str, backend: str | None, tensors: Sequence[torch.Tensor]) -> tu
         return name, impls[name].fn
     for candidate in KNOWN_BACKENDS:
         impl = impls.get(candidate)
-        if impl is not None and impl.auto and impl.can_run(tensors) is None:
+        if impl is None or not impl.auto:
+            continue
+        if (impl.auto_can_run or impl.can_run)(tensors) is None:
             return candidate, impl.fn
     raise RuntimeError(f"no backend can run {op}; this is a bug: the reference backend must always run")
 

@@ -1,7 +1,11 @@
 """Triton kernels of fastinpo, installed as the subpackage ``fastinpo.kernels``.
 
-Importing this package must not import Triton: the kernels live in their own modules, loaded by the dispatcher
-(:mod:`fastinpo.dispatch`) only when the ``"triton"`` backend is asked for or chosen automatically.
-The fused kernels themselves (DPO-family loss forward/backward, the DDIM inversion step) are built by the
-kernel issue; until then no op has a ``"triton"`` implementation.
+- :mod:`fastinpo.kernels.dpo_loss`: the fused Diffusion-DPO loss (forward + backward; an InPO variant that forms
+  ε* in-kernel);
+- :mod:`fastinpo.kernels.inversion_dpo`: the fused Inversion-DPO distance accumulation;
+- :mod:`fastinpo.kernels.ddim_step`: the fused DDIM inversion step (table gather, CFG, in-kernel noise, mask);
+- :mod:`fastinpo.kernels.registry`: registers them as backend ``"triton"`` with :mod:`fastinpo.dispatch`;
+- :mod:`fastinpo.kernels.aot`: compiles every kernel ahead of time for sm_80 / sm_90 (CI, no GPU needed).
+
+Importing this package does not import Triton; the dispatcher loads the registry lazily.
 """
