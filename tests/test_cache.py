@@ -1,0 +1,290 @@
+"""The latent / embedding cache: round trip, resume, stale-cache refusal, empty caption."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastinpo.batch import collate_encoded, collate_raw
+from fastinpo.cache import (
+    CachedPairDataset,
+    StaleCacheError,
+    build_cache,
+    cache_matches,
+    expected_cache_signature,
+    read_manifest,
+)
+from fastinpo.data import PickAPicDataset, row_hash, synthetic_rows, write_pickapic_parquet
+
+R = 32
+
+
+class FakeEncoder:
+    """Deterministic stand-in for fastinpo.models.Encoder: same interface, counts its calls, can fail on cue."""
+
+    scaling_factor = 0.5
+
+    def __init__(self, arch="sdxl", identity="fake-model@1", fail_after_images: int | None = None):
+        self.arch, self.identity = arch, identity
+        self.fail_after_images = fail_after_images
+        self.image_calls = self.text_calls = 0
+
+    def encode_images(self, pixels):
+        if self.fail_after_images is not None and self.image_calls >= self.fail_after_images:
+            raise RuntimeError("simulated crash")
+        self.image_calls += 1
+        low = F.avg_pool2d(pixels, 2)  # (n, 3, R/2, R/2)
+        mean = torch.cat([low, low.mean(1, keepdim=True) ** 2], 1) * 1.2345
+        return mean * self.scaling_factor, (torch.sigmoid(mean) + 0.01) * self.scaling_factor
+
+    def encode_text(self, captions):
+        self.text_calls += 1
+        out = []
+        for c in captions:
+            seed = int.from_bytes(hashlib.sha256(c.encode()).digest()[:4], "little")
+            out.append(torch.randn(5, 6, generator=torch.Generator().manual_seed(seed)) * 3.3)
+        prompt = torch.stack(out)
+        return prompt, (prompt[:, 0, :4] + 0.1 if self.arch == "sdxl" else None)
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    rows = synthetic_rows(11, R, seed=1, undecodable_row=6)  # ties at rows 4, 9; row 6 undecodable
+    write_pickapic_parquet(tmp_path / "data" / "part-0.parquet", rows)
+    return tmp_path / "data"
+
+
+def on_the_fly(dataset, encoder, idx):
+    pairs = [dataset.read_pair(i).pair for i in idx]
+    raw = collate_raw(pairs)
+    mean, std = encoder.encode_images(raw.pixels)
+    prompt, pooled = encoder.encode_text(raw.captions)
+    return raw, mean, std, prompt, pooled
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_round_trip_equals_on_the_fly_encoding(tmp_path, data_dir, arch):
+    ds = PickAPicDataset(data_dir, R)
+    enc = FakeEncoder(arch)
+    manifest = build_cache(ds, enc, tmp_path / "cache", shard_size=4, batch_size=3, progress=False)
+    assert manifest["complete"] and manifest["num_pairs"] == 8
+    assert manifest["skipped"] == {"tie": 2, "undecodable_image": 1}
+    cached = CachedPairDataset(tmp_path / "cache", expect=expected_cache_signature(ds, enc, torch.float16))
+    assert len(cached) == 8 and cached.skipped == manifest["skipped"]
+    usable = [i for i in range(len(ds)) if ds.source_row(i) != 6]
+    raw, mean, std, prompt, pooled = on_the_fly(ds, enc, usable)
+    b = len(usable)
+    for k, item in enumerate(cached[i] for i in range(len(cached))):
+        assert item.row == int(raw.rows[k])
+        # latents are stored in float32: exact
+        assert torch.equal(item.latent_mean, torch.stack([mean[k], mean[b + k]]))
+        assert torch.equal(item.latent_std, torch.stack([std[k], std[b + k]]))
+        # embeddings are stored in float16: exactly the float16 rounding of the float32 values, back in float32
+        assert item.prompt_embeds.dtype == torch.float32
+        assert torch.equal(item.prompt_embeds, prompt[k].half().float())
+        if arch == "sdxl":
+            assert torch.equal(item.pooled_embeds, pooled[k].half().float())
+            assert torch.equal(item.time_ids, torch.stack([raw.time_ids[k], raw.time_ids[b + k]]))
+        else:
+            assert item.pooled_embeds is None and item.time_ids is None
+    # row hashes are those of the source rows
+    assert cached.rows().tolist() == [int(r) for r in raw.rows]
+    src = synthetic_rows(11, R, seed=1, undecodable_row=6)
+    assert cached.row_hashes() == [row_hash(*(src[r][c] for c in ("caption", "jpg_0", "jpg_1", "label_0",
+                                                                   "label_1"))) for r in raw.rows.tolist()]
+    batch = collate_encoded([cached[i] for i in range(3)])
+    assert batch.latent_mean.shape == (6, 4, R // 2, R // 2) and batch.prompt_embeds.shape == (3, 5, 6)
+    assert torch.equal(pickle.loads(pickle.dumps(cached))[5].latent_mean, cached[5].latent_mean)
+
+
+def test_empty_caption_stored(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    enc = FakeEncoder("sdxl")
+    build_cache(ds, enc, tmp_path / "c", progress=False)
+    prompt, pooled = CachedPairDataset(tmp_path / "c", expect={}).empty_caption()
+    ref_prompt, ref_pooled = enc.encode_text([""])
+    assert prompt.dtype == torch.float32 and prompt.shape == (5, 6) and pooled.shape == (4,)
+    assert torch.equal(prompt, ref_prompt[0].half().float()) and torch.equal(pooled, ref_pooled[0].half().float())
+    build_cache(ds, FakeEncoder("sd15", "other"), tmp_path / "c15", progress=False, embed_dtype=torch.float32)
+    prompt, pooled = CachedPairDataset(tmp_path / "c15", expect={}).empty_caption()
+    assert pooled is None and torch.equal(prompt, FakeEncoder("sd15").encode_text([""])[0][0])
+
+
+def test_resume_after_interruption_recomputes_nothing_done(tmp_path):
+    write_pickapic_parquet(tmp_path / "data" / "p.parquet", synthetic_rows(11, R, seed=1))  # ties at rows 4, 9
+    ds = PickAPicDataset(tmp_path / "data", R)  # 9 pairs -> shards of 3: [0,3) [3,6) [6,9), batches of 2 + 1
+    cache = tmp_path / "cache"
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_first(k):
+        raise Stop
+
+    first = FakeEncoder()
+    with pytest.raises(Stop):
+        build_cache(ds, first, cache, shard_size=3, batch_size=2, progress=False, on_shard_done=stop_after_first)
+    assert first.image_calls == 2
+    shard0 = (cache / "shard-00000.safetensors").stat()
+    ok, reasons = cache_matches(cache, expected_cache_signature(ds, first, torch.float16))
+    assert not ok and "incomplete: 1 of 3 shards" in reasons[0]
+    with pytest.raises(StaleCacheError, match="(?s)incomplete.*Re-run `fastinpo cache"):
+        CachedPairDataset(cache, expect={})
+
+    # a crash in the middle of shard 1 (second batch): nothing of shard 1 is recorded
+    crash = FakeEncoder(fail_after_images=1)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        build_cache(ds, crash, cache, shard_size=3, batch_size=2, progress=False)
+    assert read_manifest(cache)["shards"][1] is None
+
+    second = FakeEncoder()
+    manifest = build_cache(ds, second, cache, shard_size=3, batch_size=2, progress=False)
+    assert manifest["complete"]
+    assert second.image_calls == 4  # shards 1 and 2 only (2 batches each); shard 0 kept
+    assert second.text_calls == 4  # the empty caption was not encoded again
+    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == shard0.st_mtime_ns
+    assert not list(cache.glob(".*tmp*"))
+
+    # identical to an uninterrupted build
+    fresh = tmp_path / "fresh"
+    build_cache(ds, FakeEncoder(), fresh, shard_size=3, batch_size=2, progress=False)
+    a, b = CachedPairDataset(cache, expect={}), CachedPairDataset(fresh, expect={})
+    assert len(a) == len(b) == 9
+    for i in range(len(a)):
+        assert torch.equal(a[i].latent_mean, b[i].latent_mean) and torch.equal(a[i].prompt_embeds, b[i].prompt_embeds)
+
+    # a complete cache is not recomputed at all
+    third = FakeEncoder()
+    build_cache(ds, third, cache, shard_size=3, batch_size=2, progress=False)
+    assert third.image_calls == third.text_calls == 0
+
+
+def test_stale_cache_refused_with_key_names(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    enc = FakeEncoder()
+    build_cache(ds, enc, tmp_path / "cache", progress=False)
+    assert cache_matches(tmp_path / "cache", expected_cache_signature(ds, enc, torch.float16)) == (True, [])
+
+    def refused(expect, *keys):
+        with pytest.raises(StaleCacheError) as info:
+            CachedPairDataset(tmp_path / "cache", expect=expect)
+        msg = str(info.value)
+        assert "Re-run `fastinpo cache" in msg
+        for key in keys:
+            assert f"{key}: cached" in msg, msg
+        ok, reasons = cache_matches(tmp_path / "cache", expect)
+        assert not ok and len(reasons) == len(keys)
+        return msg
+
+    msg = refused(expected_cache_signature(PickAPicDataset(data_dir, 64), enc, torch.float16), "resolution")
+    assert "resolution: cached 32, expected 64" in msg
+    msg = refused(expected_cache_signature(ds, FakeEncoder(identity="another@2"), torch.float16), "model_identity")
+    assert '"fake-model@1", expected "another@2"' in msg
+    refused(expected_cache_signature(ds, enc, torch.bfloat16), "embed_dtype")
+    refused(expected_cache_signature(PickAPicDataset(data_dir, R, keep_ties=True), enc, torch.float16),
+            "keep_ties", "num_candidate_rows", "index_digest")
+    # changed rows: one caption edited and one row added -> the source fingerprint and the index differ
+    rows = synthetic_rows(12, R, seed=1, undecodable_row=6)
+    rows[0]["caption"] = "edited"
+    write_pickapic_parquet(data_dir / "part-0.parquet", rows)
+    refused(expected_cache_signature(PickAPicDataset(data_dir, R), enc, torch.float16),
+            "source_files", "num_candidate_rows", "index_digest")
+    with pytest.raises(StaleCacheError, match="no cache at"):
+        CachedPairDataset(tmp_path / "nothing", expect={})
+
+
+def test_build_refuses_to_mix_settings_unless_overwrite(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    build_cache(ds, FakeEncoder(), tmp_path / "c", progress=False)
+    other = FakeEncoder(identity="other@3")
+    with pytest.raises(StaleCacheError, match="model_identity: cached"):
+        build_cache(ds, other, tmp_path / "c", progress=False)
+    with pytest.raises(StaleCacheError, match="shard_size: cached 256, expected 4"):
+        build_cache(ds, FakeEncoder(), tmp_path / "c", shard_size=4, progress=False)
+    build_cache(ds, other, tmp_path / "c", progress=False, overwrite=True)
+    assert read_manifest(tmp_path / "c")["signature"]["model_identity"] == "other@3"
+
+
+def test_frozen_augmentation_refused_unless_allowed(tmp_path, data_dir):
+    enc = FakeEncoder()
+    for kw in ({"center_crop": False}, {"random_flip": True}):
+        ds = PickAPicDataset(data_dir, R, **kw)
+        with pytest.raises(ValueError, match="random augmentation.*allow_frozen_augmentation=True"):
+            build_cache(ds, enc, tmp_path / "c", progress=False)
+    manifest = build_cache(ds, enc, tmp_path / "c", progress=False, allow_frozen_augmentation=True)
+    assert manifest["build"]["frozen_augmentation"] is True
+    assert manifest["signature"]["random_flip"] is True and manifest["signature"]["augmentation_seed"] == 0
+    assert CachedPairDataset(tmp_path / "c", expect={}).frozen_augmentation
+
+
+def test_mean_only_cache(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    build_cache(ds, FakeEncoder(), tmp_path / "c", store_std=False, progress=False)
+    cached = CachedPairDataset(tmp_path / "c", expect={})
+    assert not cached.has_std and cached[0].latent_std is None
+    assert collate_encoded([cached[0], cached[1]]).latent_std is None
+
+
+def test_manifest_contents(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    build_cache(ds, FakeEncoder(), tmp_path / "c", shard_size=5, progress=False)
+    m = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["num_shards"] == 2 and m["complete"]
+    sig = m["signature"]
+    assert sig["model_identity"] == "fake-model@1" and sig["arch"] == "sdxl" and sig["embed_dtype"] == "float16"
+    assert {k: sig[k] for k in ("resolution", "crop", "random_flip", "keep_ties", "per_sample_time_ids",
+                                "max_rows")} == {"resolution": R, "crop": "center", "random_flip": False,
+                                                 "keep_ties": False, "per_sample_time_ids": False, "max_rows": None}
+    assert m["shards"][1]["skipped"] == {"6": "undecodable_image"} and m["shards"][1]["count"] == 3
+    assert m["empty_caption"]["file"] == "empty_caption.safetensors"
+    assert all((tmp_path / "c" / f"shard-0000{k}.safetensors").is_file() for k in (0, 1))
+
+
+# ----------------------------------------------------------------------------------------------- real encoder
+@pytest.fixture(scope="module")
+def tiny_pipelines(tmp_path_factory):
+    models = pytest.importorskip("fastinpo.models")
+    if not hasattr(models, "Encoder") or not hasattr(models, "make_tiny_pipeline"):
+        pytest.skip("fastinpo.models.Encoder / make_tiny_pipeline not available")
+    root = tmp_path_factory.mktemp("pipes")
+    return {arch: models.make_tiny_pipeline(root / arch, arch=arch, sample_size=R) for arch in ("sd15", "sdxl")}
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_end_to_end_with_tiny_pipeline(tmp_path, data_dir, tiny_pipelines, arch):
+    from fastinpo.models import Encoder, detect_arch, load_components, model_identity
+
+    enc = Encoder(load_components(tiny_pipelines[arch], load_unet=False))
+    ds = PickAPicDataset(data_dir, R)
+    build_cache(ds, enc, tmp_path / "c", shard_size=4, batch_size=4, progress=False)
+    cached = CachedPairDataset(tmp_path / "c", expect=expected_cache_signature(ds, enc, torch.float16))
+    assert cached.signature["model_identity"] == enc.identity and cached.arch == arch
+    usable = [i for i in range(len(ds)) if ds.source_row(i) != 6]
+    # same batches as the cache builder (shards of 4 pairs, one batch each), so the VAE sees identical inputs
+    groups = [usable[0:4], usable[4:7], usable[7:8]]
+    k = 0
+    for group in groups:
+        enc_batch = enc.encode_batch(collate_raw([ds.read_pair(i).pair for i in group]))
+        b = len(group)
+        for j in range(b):
+            item = cached[k]
+            assert torch.equal(item.latent_mean, torch.stack([enc_batch.latent_mean[j], enc_batch.latent_mean[b + j]]))
+            assert torch.equal(item.latent_std, torch.stack([enc_batch.latent_std[j], enc_batch.latent_std[b + j]]))
+            assert torch.equal(item.prompt_embeds, enc_batch.prompt_embeds[j].half().float())
+            if arch == "sdxl":
+                assert torch.equal(item.pooled_embeds, enc_batch.pooled_embeds[j].half().float())
+                assert item.time_ids.tolist() == [[R, R, 0, 0, R, R]] * 2
+            k += 1
+    prompt, pooled = cached.empty_caption()
+    ref_prompt, ref_pooled = enc.encode_text([""])
+    # the trainer can check a cache without loading the VAE / text encoders
+    light = SimpleNamespace(identity=model_identity(tiny_pipelines[arch]), arch=detect_arch(tiny_pipelines[arch]))
+    assert cache_matches(tmp_path / "c", expected_cache_signature(ds, light, torch.float16)) == (True, [])
+    assert torch.equal(prompt, ref_prompt[0].half().float())
+    assert (pooled is None) == (arch == "sd15")
