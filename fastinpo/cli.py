@@ -1,8 +1,7 @@
 """The ``fastinpo`` command line.
 
-Subcommands so far: ``env`` (what runs here) and ``quickstart`` (one DDIM-InPO and one Inversion-DPO loss on a
-tiny SDXL-shaped UNet, end to end). ``train``, ``sample``, ``eval``, ``bench`` and ``demo`` arrive with their
-issues.
+Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
+``cache`` and ``train``. ``sample``, ``eval``, ``bench`` and ``demo`` arrive with their issues.
 """
 
 from __future__ import annotations
@@ -27,6 +26,58 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load(args: argparse.Namespace):
+    from fastinpo.config import load_config
+
+    return load_config(args.config, args.set or [])
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.help_config:
+        from fastinpo.config import help_text
+
+        print(help_text())
+        return 0
+    if args.config is None and not args.set:
+        raise ValueError("give a config file (TOML/YAML) and/or --set section.key=value overrides")
+    from fastinpo.train import train
+
+    summary = train(_load(args), resume=args.resume)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from fastinpo.cache import build_cache
+    from fastinpo.data import PickAPicDataset
+    from fastinpo.models import Encoder, load_components
+    from fastinpo.train.loop import pick_device
+    from fastinpo.train.models import DTYPES
+
+    config = _load(args)
+    d = config.data
+    if not d.cache_dir:
+        raise ValueError("data.cache_dir must say where the cache goes")
+    dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
+                              seed=config.train.seed)
+    components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
+    encoder = Encoder(components, pick_device(config.train.device))
+    build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype))
+    print(f"cache ready in {d.cache_dir}: {len(dataset)} pairs")
+    return 0
+
+
+def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    from fastinpo.models import make_tiny_pipeline
+
+    out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution)
+    print(f"tiny {args.arch} pipeline written to {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinpo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -40,6 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--backend", default=None, help="backend of the loss and the inversion step (default: automatic)")
     p.set_defaults(func=_cmd_quickstart)
+
+    for name, func, helptext in (
+        ("train", _cmd_train, "train with a config (SFT, Diffusion-DPO, DDIM-InPO, Inversion-DPO)"),
+        ("cache", _cmd_cache, "precompute VAE latents and text embeddings for a config"),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("config", nargs="?", help="TOML or YAML config file")
+        p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                       help="override a config value (repeatable)")
+        if name == "train":
+            p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
+            p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+        p.set_defaults(func=func)
+
+    p = sub.add_parser("make-tiny-pipeline", help="write a tiny random SD1.5/SDXL pipeline (diffusers layout)")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--arch", choices=("sd15", "sdxl"), default="sdxl")
+    p.add_argument("--resolution", type=int, default=32, help="image resolution the tiny VAE is built for")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny)
     return parser
 
 

@@ -200,7 +200,8 @@ def inpo_invert(
         model: the **policy**, ``model(x, t, cond) -> eps``, called without grad (wrap it in ``torch.no_grad``
             yourself if it has parameters; this function does so).
         z0: ``(2B, ...)`` clean latents, winners first.
-        t: ``(B,)`` int64, each pair's sampled training timestep in ``[0, T)``.
+        t: ``(B,)`` int64, each pair's sampled training timestep in ``[0, T)``; on the CPU (no device sync to
+            plan the batch sizes) or on ``z0``'s device.
         cond: conditioning pytree with ``2B`` rows (same as training, no CFG).
         schedule: the model's :class:`NoiseSchedule`.
         num_levels: K (official 10).
@@ -211,7 +212,7 @@ def inpo_invert(
         backend: backend of the inversion step (see :func:`ddim_inversion_step`).
 
     Returns:
-        :class:`InPOInversion`. Costs one host sync (the step counts), before the first model call.
+        :class:`InPOInversion`. Costs one host sync (the step counts) when ``t`` is on an accelerator.
     """
     checks.tensor("z0", z0)
     B = checks.paired("z0", z0)
@@ -219,8 +220,8 @@ def inpo_invert(
     if t.dtype.is_floating_point or t.dtype == torch.bool or tuple(t.shape) != (B,):
         raise ValueError(f"t must be an integer tensor of shape ({B},) (one timestep per pair), got "
                          f"{t.dtype} {tuple(t.shape)}")
-    if t.device != z0.device:
-        raise ValueError(f"t must be on {z0.device} like z0, got {t.device}")
+    if t.device != z0.device and t.device.type != "cpu":
+        raise ValueError(f"t must be on the CPU or on {z0.device} like z0, got {t.device}")
     if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
         raise ValueError(f"eta must be a float >= 0, got {eta!r}")
     if generator is not None and not isinstance(generator, torch.Generator):

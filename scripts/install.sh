@@ -39,4 +39,7 @@ fi
 # --no-build-isolation: setup.py builds against the torch installed above, never a fresh one.
 echo "[install] fastinpo[$EXTRAS] (editable)"
 pip_q --no-build-isolation -e ".[$EXTRAS]"
+# The CLIP BPE vocabulary (for tokenizers built offline) ships in the open-clip-torch wheel; its own requirements
+# (torchvision, timm) are not needed and torchvision would not import beside torch 2.13: --no-deps.
+pip_q --no-deps open-clip-torch
 "$PY" -c "import fastinpo, torch; print(f'[install] fastinpo {fastinpo.__version__} with torch {torch.__version__}')"

@@ -28,3 +28,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# ----------------------------------------------------------------------------------------------- trainer fixtures
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory):
+    """Tiny random SD1.5 and SDXL pipelines on disk, written by `fastinpo make-tiny-pipeline`'s code path."""
+    from fastinpo.models import make_tiny_pipeline
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {arch: make_tiny_pipeline(root / arch, arch, seed=0, sample_size=32) for arch in ("sd15", "sdxl")}
+
+
+@pytest.fixture(scope="session")
+def pickapic_dir(tmp_path_factory):
+    """A Pick-a-Pic-format parquet folder of synthetic pairs (with ties, which the trainer drops)."""
+    from fastinpo.data import synthetic_rows, write_pickapic_parquet
+
+    root = tmp_path_factory.mktemp("pickapic")
+    write_pickapic_parquet(root / "train-00000.parquet", synthetic_rows(10, 40, seed=0))
+    return root

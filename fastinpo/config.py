@@ -1,0 +1,262 @@
+"""Typed training configs: dataclasses with one-line field docs, loaded from TOML or YAML, overridable from the
+command line (``--set section.key=value``), unknown keys refused, the resolved config saved with every run.
+
+Field docs live in ``field(metadata={"help": ...})`` so ``fastinpo train --help-config`` can print them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dacite
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+def _f(default, help: str, **kw):
+    """A dataclass field with a one-line doc."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+Method = Literal["sft", "diffusion-dpo", "inpo", "inversion-dpo"]
+Precision = Literal["no", "fp16", "bf16"]
+
+
+@dataclass
+class ModelConfig:
+    path: str = _f("", "local diffusers pipeline folder (SD1.5 or SDXL; the architecture is detected)")
+    unet_init: str | None = _f(None, "diffusers unet/ folder both policy and reference start from (InPO SD1.5: SFT UNet)")
+    reference_dtype: Literal["float32", "float16", "bfloat16"] = _f(
+        "float32", "dtype of the frozen reference UNet (official: fp16 for InPO, bf16 for Inversion-DPO)")
+    encoder_dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "dtype of the VAE and text encoders")
+    gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
+    attention: Literal["sdpa", "xformers"] = _f("sdpa", "attention kernel (xformers only with CUDA and installed)")
+
+
+@dataclass
+class DataConfig:
+    path: str = _f("", "Pick-a-Pic-format data: a folder of parquet files or a datasets save_to_disk folder")
+    resolution: int = _f(1024, "training resolution R (SD1.5: 512, SDXL: 1024)")
+    center_crop: bool = _f(True, "center crop after resizing the shorter side to R (else a seeded random crop)")
+    random_flip: bool = _f(False, "flip both images of a pair together with probability 0.5")
+    keep_ties: bool = _f(False, "keep label 0.5 ties with image 0 as the winner (official codes drop them)")
+    per_sample_time_ids: bool = _f(False, "SDXL time_ids from each image's original size and crop (default: (R,R,0,0,R,R))")
+    caption_dropout: float = _f(0.2, "probability of replacing a pair's caption by \"\" (official: 0.2 DPO/InPO, 0 Inversion-DPO)")
+    max_rows: int | None = _f(None, "use only the first N rows of the data")
+    cache_dir: str | None = _f(None, "latent/text cache made by `fastinpo cache` (used when it matches, refused when stale)")
+    cache_embed_dtype: Literal["float16", "bfloat16", "float32"] = _f(
+        "float16", "dtype the cache stores text embeddings in (latents are always float32)")
+    latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean")
+    num_workers: int = _f(0, "DataLoader worker processes")
+
+
+@dataclass
+class MethodConfig:
+    name: Method = _f("inpo", "objective: sft, diffusion-dpo, inpo (DDIM-InPO) or inversion-dpo")
+    beta: float = _f(5000.0, "DPO temperature (SPEC: with the factor 0.5; DPO 5000, InPO 2000 SD1.5 / 5000 SDXL)")
+    inversion_levels: int = _f(10, "InPO: K, levels of the DDIM inversion grid")
+    eta: float = _f(0.1, "InPO: noise scale of the inversion (0 = deterministic)")
+    num_steps: int = _f(40, "Inversion-DPO: N grid steps (official SDXL 80)")
+    guidance_scale: float = _f(2.0, "Inversion-DPO: classifier-free guidance of both models")
+    flip_sign: bool = _f(False, "Inversion-DPO: the released code's sign of the logits instead of the paper's")
+    memory_light: bool = _f(True, "Inversion-DPO: exact two-pass gradient with activation memory independent of N")
+    symmetry_breaking: Literal["none", "lora-init", "reference-dtype"] = _f(
+        "none", "Inversion-DPO: how the policy leaves θ = θ_ref (SPEC §4); 'none' refuses a run that cannot move")
+    loss_backend: str | None = _f(None, "backend of the loss and inversion ops (default: the dispatcher's choice)")
+
+
+@dataclass
+class LoraConfig:
+    rank: int = _f(0, "LoRA rank; 0 trains the full UNet against a frozen reference copy")
+    alpha: float | None = _f(None, "LoRA alpha (default: the rank)")
+    init: Literal["zero", "gaussian"] = _f("zero", "LoRA B init: 'zero' (standard) or 'gaussian' (breaks θ = θ_ref)")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters")
+
+
+@dataclass
+class OptimConfig:
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f("adamw", "AdamW, Adafactor (SDXL official) or 8-bit AdamW")
+    lr: float = _f(1e-8, "learning rate (before scale_lr)")
+    scale_lr: bool = _f(True, "multiply lr by pairs per optimizer step (official InPO / Diffusion-DPO)")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    betas: list[float] = _f([0.9, 0.999], "AdamW betas")
+    eps: float = _f(1e-8, "AdamW epsilon")
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = _f(
+        "constant_with_warmup", "learning-rate schedule")
+    warmup_steps: int = _f(0, "warm-up optimizer steps")
+    max_grad_norm: float = _f(1.0, "gradient clipping (0 disables)")
+
+
+@dataclass
+class TrainConfig:
+    output_dir: str = _f("runs/fastinpo", "run directory: config, metrics, checkpoints, samples, export")
+    max_steps: int = _f(400, "optimizer steps")
+    pairs_per_batch: int = _f(1, "pairs per forward pass (per process)")
+    grad_accum: int = _f(1, "forward passes per optimizer step")
+    mixed_precision: Precision = _f("no", "autocast dtype of the policy forward (weights stay float32)")
+    seed: int = _f(0, "seed of data order, noise, timesteps and dropout")
+    device: str = _f("auto", "cuda, cpu, or auto")
+    log_every: int = _f(10, "optimizer steps between metric logs (the only host syncs of the loop)")
+    checkpoint_every: int = _f(100, "optimizer steps between checkpoints (0: only at the end)")
+    keep_last: int = _f(2, "checkpoints kept")
+    sample_every: int = _f(0, "optimizer steps between validation sample grids (0: none)")
+    sample_prompts: list[str] = _f([], "prompts of the validation grid")
+    max_nan_steps: int = _f(3, "consecutive non-finite losses before the run stops (with a checkpoint)")
+    progress: bool = _f(True, "show a progress bar")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> Config:
+        """Cross-field checks that types cannot express; raises ValueError naming the key."""
+        problems = []
+        if not self.model.path:
+            problems.append("model.path is required (a local diffusers pipeline folder)")
+        if not self.data.path and not self.data.cache_dir:
+            problems.append("data.path (or data.cache_dir) is required")
+        if self.method.beta <= 0:
+            problems.append(f"method.beta must be > 0, got {self.method.beta}")
+        if not 0 <= self.data.caption_dropout < 1:
+            problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
+        for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
+                    "method.inversion_levels", "method.num_steps"):
+            section, name = key.split(".")
+            if getattr(getattr(self, section), name) < 1:
+                problems.append(f"{key} must be >= 1")
+        if self.method.eta < 0:
+            problems.append(f"method.eta must be >= 0, got {self.method.eta}")
+        if self.lora.rank < 0:
+            problems.append(f"lora.rank must be >= 0, got {self.lora.rank}")
+        if self.method.symmetry_breaking == "lora-init" and (self.lora.rank == 0 or self.lora.init != "gaussian"):
+            problems.append("method.symmetry_breaking = 'lora-init' needs lora.rank > 0 and lora.init = 'gaussian'")
+        if problems:
+            raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+def _read_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".toml":
+        data = tomllib.loads(text)
+    elif path.suffix in (".yaml", ".yml"):
+        data = yaml.safe_load(text) or {}
+    elif path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        raise ValueError(f"config file {path} must end in .toml, .yaml, .yml or .json")
+    if not isinstance(data, dict):
+        raise ValueError(f"config file {path} must hold a table/mapping at the top level")
+    return data
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    """``section.key=value``; the value is parsed as YAML (numbers, booleans, null, lists)."""
+    if "=" not in override:
+        raise ValueError(f"override {override!r} must look like section.key=value")
+    key, raw = override.split("=", 1)
+    parts = key.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ValueError(f"override key {key!r} must be section.key (e.g. train.max_steps)")
+    try:  # JSON first: YAML 1.1 reads 1e-4 as a string
+        value = json.loads(raw)
+    except ValueError:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ValueError(f"config section {parts[0]!r} is not a table")
+    section[parts[1]] = value
+
+
+def _check_keys(cls, data: dict[str, Any], prefix: str = "") -> None:
+    """Unknown keys are errors, with the valid keys listed (dacite's strict mode says less)."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if key not in fields:
+            raise ValueError(f"unknown config key {name!r}; valid keys here: {', '.join(fields)}")
+        ftype = fields[key].type
+        sub = globals().get(ftype) if isinstance(ftype, str) else ftype
+        if dataclasses.is_dataclass(sub):
+            if not isinstance(value, dict):
+                raise ValueError(f"config key {name!r} must be a table of {', '.join(f.name for f in dataclasses.fields(sub))}")
+            _check_keys(sub, value, prefix=f"{name}.")
+
+
+def _to_float(value):
+    """Ints and numeric strings (YAML 1.1 reads ``1e-4`` as a string) are accepted where a float is expected."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+def from_dict(data: dict[str, Any]) -> Config:
+    """A validated :class:`Config` from nested dicts (types checked, ints accepted where floats are expected)."""
+    _check_keys(Config, data)
+    try:
+        config = dacite.from_dict(Config, data, config=dacite.Config(strict=True, type_hooks={float: _to_float}))
+    except dacite.WrongTypeError as err:
+        expected = typing.get_args(err.field_type) if typing.get_origin(err.field_type) is Literal else None
+        wanted = f"one of {', '.join(map(repr, expected))}" if expected else getattr(err.field_type, "__name__",
+                                                                                       str(err.field_type))
+        raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}") from None
+    except dacite.DaciteError as err:
+        raise ValueError(f"invalid config: {err}") from None
+    return config.validate()
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a TOML/YAML/JSON config file (or start from defaults), apply ``section.key=value`` overrides."""
+    data = _read_file(path) if path is not None else {}
+    for override in overrides:
+        _apply_override(data, override)
+    return from_dict(data)
+
+
+def save_config(config: Config, path: str | Path) -> None:
+    """Write the resolved config as TOML-compatible YAML (``config.yaml``) — loadable by :func:`load_config`."""
+    Path(path).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
+
+
+def help_text() -> str:
+    """Every config key with its type, default and one-line doc."""
+    lines = []
+    for section in dataclasses.fields(Config):
+        cls = globals()[section.type] if isinstance(section.type, str) else section.type
+        lines.append(f"[{section.name}]")
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            lines.append(f"  {f.name} = {json.dumps(default)}    # {f.metadata.get('help', '')}")
+    return "\n".join(lines)

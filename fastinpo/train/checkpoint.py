@@ -1,0 +1,124 @@
+"""Atomic, exact checkpoints.
+
+A checkpoint is a folder ``checkpoints/step-NNNNNNNN/`` written first under a temporary name and renamed into
+place only when every file is on disk (``state.json`` last), so a crash — even SIGKILL in the middle of a write —
+leaves either a complete checkpoint or a ``.tmp-*`` folder that is ignored and removed. Resuming restores the
+trainable weights, the optimizer, the LR schedule, the loss scaler and the step counters; data order and all
+randomness are functions of (seed, step), so a resumed run continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+WEIGHTS = "trainable.safetensors"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+
+
+def checkpoint_dir(root: str | Path) -> Path:
+    return Path(root) / "checkpoints"
+
+
+def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints (a ``state.json`` inside), oldest first."""
+    d = checkpoint_dir(root)
+    if not d.is_dir():
+        return []
+    found = []
+    for p in d.iterdir():
+        m = STEP_DIR.match(p.name)
+        if m and (p / "state.json").is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def resolve_resume(root: str | Path, resume: str | None) -> Path | None:
+    """``None`` -> no resume; ``"latest"`` -> newest complete checkpoint (None if there is none); else a path."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = list_checkpoints(root)
+        return found[-1][1] if found else None
+    path = Path(resume)
+    if not (path / "state.json").is_file():
+        raise FileNotFoundError(f"{path} is not a complete fastinpo checkpoint (no state.json)")
+    return path
+
+
+def save_checkpoint(root: str | Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer, lr_scheduler,
+                    scaler, state: dict[str, Any], keep_last: int) -> Path:
+    """Write ``checkpoints/step-{step}`` atomically, then keep only the newest ``keep_last``."""
+    d = checkpoint_dir(root)
+    d.mkdir(parents=True, exist_ok=True)
+    final = d / f"step-{step:08d}"
+    tmp = d / f".tmp-step-{step:08d}-{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, tmp / WEIGHTS)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
+    if scaler is not None:
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
+    for f in tmp.iterdir():
+        _fsync_file(f)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(d)
+    for _, old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def remove_partial(root: str | Path) -> list[Path]:
+    """Delete the leftovers of interrupted writes (``.tmp-*``); returns what was removed."""
+    d = checkpoint_dir(root)
+    removed = [p for p in d.glob(".tmp-*")] if d.is_dir() else []
+    for p in removed:
+        shutil.rmtree(p, ignore_errors=True)
+    return removed
+
+
+def load_checkpoint(path: Path, *, trainable: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
+                    scaler) -> dict[str, Any]:
+    """Restore everything :func:`save_checkpoint` wrote; returns the saved state dict (step, counters)."""
+    weights = load_file(path / WEIGHTS)
+    missing = sorted(set(trainable) - set(weights))
+    unexpected = sorted(set(weights) - set(trainable))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not match this run's trainable parameters: "
+                         f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                         f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''} "
+                         "(same model, LoRA settings and method as the run that wrote it?)")
+    with torch.no_grad():
+        for name, p in trainable.items():
+            p.copy_(weights[name].to(p.device, p.dtype))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    lr_scheduler.load_state_dict(torch.load(path / "lr_scheduler.pt", map_location="cpu", weights_only=True))
+    if scaler is not None and (path / "scaler.pt").is_file():
+        scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
+    return json.loads((path / "state.json").read_text())

@@ -1,0 +1,138 @@
+"""The stream of encoded micro-batches: data order, the cache or on-the-fly encoding, the empty caption.
+
+Data order is a function of (seed, position): epoch ``e`` visits the usable rows in the permutation drawn from
+``seed`` and ``e``, and micro-batch ``m`` of rank ``r`` (of ``W``) takes positions
+``[(m·W + r)·B, (m·W + r + 1)·B)`` of the endless concatenation of epochs. So every pair is seen once per epoch
+over all ranks whatever their number, the global batch does not depend on W, and a resumed run starts at
+micro-batch ``m`` without replaying anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+from fastinpo.batch import EncodedBatch, collate_encoded, collate_raw
+from fastinpo.config import Config
+
+
+def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=g)
+
+
+class PairOrderSampler(torch.utils.data.Sampler):
+    """Yields the index lists of micro-batches ``start, start+1, ...`` (see the module docstring)."""
+
+    def __init__(self, n: int, pairs_per_batch: int, seed: int, *, start: int = 0, rank: int = 0,
+                 world_size: int = 1):
+        if n == 0:
+            raise ValueError("the dataset has no usable pairs")
+        self.n, self.B, self.seed, self.start, self.rank, self.W = n, pairs_per_batch, seed, start, rank, world_size
+        self._perms: dict[int, torch.Tensor] = {}
+
+    def _at(self, position: int) -> int:
+        epoch, offset = divmod(position, self.n)
+        perm = self._perms.get(epoch)
+        if perm is None:
+            self._perms = {epoch: epoch_permutation(self.n, self.seed, epoch)}  # keep one epoch in memory
+            perm = self._perms[epoch]
+        return int(perm[offset])
+
+    def epoch_of(self, micro_batch: int) -> int:
+        """The epoch of a micro-batch's first pair."""
+        return (micro_batch * self.W + self.rank) * self.B // self.n
+
+    def batch_indices(self, micro_batch: int) -> list[int]:
+        first = (micro_batch * self.W + self.rank) * self.B
+        return [self._at(p) for p in range(first, first + self.B)]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        m = self.start
+        while True:
+            yield self.batch_indices(m)
+            m += 1
+
+
+@dataclass
+class EmptyCaption:
+    """The encoded "" used by caption dropout: ``prompt_embeds`` ``(L, D)``, ``pooled`` ``(P,)`` or None."""
+
+    prompt_embeds: torch.Tensor
+    pooled: torch.Tensor | None
+
+
+class PairStream:
+    """Encoded micro-batches for the loop, from the cache when it matches the config, else encoded on the fly."""
+
+    def __init__(self, config: Config, *, model_folder, device: torch.device, encoder=None,
+                 rank: int = 0, world_size: int = 1):
+        from fastinpo.cache import CachedPairDataset, StaleCacheError, cache_matches, expected_cache_signature
+        from fastinpo.data import PickAPicDataset
+        from fastinpo.models import encoder_signature
+
+        d = config.data
+        self.config, self.device, self.rank, self.world_size = config, device, rank, world_size
+        self.encoder = encoder
+        self.dataset = None
+        self.cached = False
+        raw = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids,
+                              max_rows=d.max_rows, seed=config.train.seed) if d.path else None
+        self.raw_dataset = raw
+        if d.cache_dir:
+            if raw is None:
+                raise ValueError("data.path is required with data.cache_dir: the cache is checked against the data")
+            expect = expected_cache_signature(raw, encoder_signature(model_folder), d.cache_embed_dtype)
+            ok, reasons = cache_matches(d.cache_dir, expect)
+            if not ok:
+                raise StaleCacheError(f"the cache in {d.cache_dir} does not match this config:\n  "
+                                      + "\n  ".join(reasons) + "\nre-run `fastinpo cache` with this config")
+            self.dataset = CachedPairDataset(d.cache_dir, expect=expect)
+            self.cached = True
+            prompt, pooled = self.dataset.empty_caption()
+            self.empty = EmptyCaption(prompt.to(device), None if pooled is None else pooled.to(device))
+        else:
+            if raw is None:
+                raise ValueError("data.path is required when no data.cache_dir is given")
+            if encoder is None:
+                raise ValueError("on-the-fly encoding needs the VAE and text encoders (no cache configured)")
+            self.dataset = raw
+            prompt, pooled = encoder.encode_text([""])
+            self.empty = EmptyCaption(prompt[0].to(device), None if pooled is None else pooled[0].to(device))
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return dict(getattr(self.raw_dataset, "skipped", {}) or {})
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batches(self, start_micro_batch: int) -> Iterator[EncodedBatch]:
+        sampler = PairOrderSampler(len(self.dataset), self.config.train.pairs_per_batch, self.config.train.seed,
+                                   start=start_micro_batch, rank=self.rank, world_size=self.world_size)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_sampler=sampler, num_workers=self.config.data.num_workers,
+            collate_fn=collate_encoded if self.cached else collate_raw,
+            pin_memory=self.device.type == "cuda")
+        # random crop / flip are seeded by (seed, epoch, row): the dataset must know the epoch. It is set in this
+        # process, so it reaches the data only without worker processes (which keep the epoch they started with).
+        set_epoch = getattr(self.dataset, "set_epoch", None) if self.config.data.num_workers == 0 else None
+        for batch in _with_epochs(loader, set_epoch, sampler, start_micro_batch):
+            if not self.cached:
+                batch = self.encoder.encode_batch(batch, use_std=self.config.data.latent_sample)
+            yield batch.to(self.device)
+
+
+def _with_epochs(loader, set_epoch, sampler: PairOrderSampler, micro_batch: int):
+    it = iter(loader)
+    while True:
+        if set_epoch is not None:
+            set_epoch(sampler.epoch_of(micro_batch))
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+        micro_batch += 1

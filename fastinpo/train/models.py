@@ -1,0 +1,153 @@
+"""The models of a training run: the policy UNet (full or LoRA), the frozen reference (a copy, or the same UNet
+with its adapters disabled), their ``(x, t, cond) -> eps`` callables, and the optimizer and LR schedule."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from fastinpo.config import Config
+from fastinpo.methods.base import Models
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def _unet_forward(unet, x, t, cond, dtype):
+    added = {k: cond[k].to(dtype) for k in ("text_embeds", "time_ids") if k in cond} or None
+    return unet(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                added_cond_kwargs=added, return_dict=False)[0]
+
+
+@dataclass
+class TrainingModels:
+    """What the loop needs of the models."""
+
+    unet: Any  # the policy UNet (with adapters in LoRA mode)
+    reference_unet: Any | None  # None in LoRA mode (the reference is ``unet`` with adapters disabled)
+    lora: bool
+    callables: Models
+    trainable: list[torch.nn.Parameter]
+    trainable_names: list[str]
+
+
+def check_symmetry_breaking(config: Config) -> None:
+    """Inversion-DPO has an exactly zero gradient while the policy equals the reference (SPEC §4): refuse a run
+    that would train nothing, unless an explicit, valid symmetry-breaking choice is configured."""
+    if config.method.name != "inversion-dpo":
+        return
+    choice = config.method.symmetry_breaking
+    lora = config.lora.rank > 0
+    if choice == "none":
+        raise ValueError(
+            "Inversion-DPO would train nothing: at the start the policy equals the reference, and both the loss "
+            "and its gradient are exactly 0 there (SPEC §4). Choose how to leave that point: "
+            "method.symmetry_breaking = 'lora-init' (LoRA with lora.init = 'gaussian': non-zero adapters) or "
+            "'reference-dtype' (full fine-tuning with model.reference_dtype = 'bfloat16' or 'float16', as the "
+            "released code's bf16 reference does).")
+    if choice == "lora-init" and not (lora and config.lora.init == "gaussian"):
+        raise ValueError("method.symmetry_breaking = 'lora-init' needs lora.rank > 0 and lora.init = 'gaussian'")
+    if choice == "reference-dtype" and (lora or config.model.reference_dtype == "float32"):
+        raise ValueError("method.symmetry_breaking = 'reference-dtype' needs full fine-tuning (lora.rank = 0) and "
+                         "model.reference_dtype = 'bfloat16' or 'float16'")
+
+
+def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
+    """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
+    from diffusers import UNet2DConditionModel
+
+    check_symmetry_breaking(config)
+    if config.model.unet_init:
+        unet = UNet2DConditionModel.from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
+    if next(unet.parameters()).dtype != torch.float32:
+        raise ValueError("the policy UNet must be loaded in float32 (mixed precision is train.mixed_precision)")
+    unet = unet.to(device)
+    if config.model.attention == "xformers":
+        if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+            raise ValueError("model.attention = 'xformers' needs CUDA and the xformers package; use 'sdpa'")
+        unet.enable_xformers_memory_efficient_attention()
+    amp_dtype = DTYPES[config.train.mixed_precision]
+    ref_dtype = DTYPES[config.model.reference_dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    lora = config.lora.rank > 0
+    if lora:
+        unet.requires_grad_(False)
+        from peft import LoraConfig
+
+        unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha or config.lora.rank,
+                                    init_lora_weights=True, target_modules=list(config.lora.target_modules)))
+        if config.lora.init == "gaussian":
+            # peft's own "gaussian" init still zeroes B (a zero update); SPEC §4's symmetry breaking needs a
+            # non-zero adapter product, so B gets small random values too, from the run's seed.
+            g = torch.Generator().manual_seed(config.train.seed)
+            with torch.no_grad():
+                for name, p in unet.named_parameters():
+                    if "lora_B" in name:
+                        p.copy_(1e-3 * torch.randn(p.shape, generator=g))
+        reference_unet = None
+
+        def reference(x, t, cond):
+            unet.disable_adapters()
+            try:
+                return _unet_forward(unet, x, t, cond, torch.float32).float()
+            finally:
+                unet.enable_adapters()
+    else:
+        unet.requires_grad_(True)
+        needs_ref = config.method.name != "sft"
+        reference_unet = (copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval() if needs_ref else None)
+
+        def reference(x, t, cond):
+            if reference_unet is None:
+                raise RuntimeError("this method has no reference model")
+            return _unet_forward(reference_unet, x, t, cond, ref_dtype).float()
+
+    if config.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    def policy(x, t, cond):
+        with autocast():
+            return _unet_forward(unet, x, t, cond, torch.float32)
+
+    named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    return TrainingModels(unet, reference_unet, lora, Models(policy, reference),
+                          [p for _, p in named], [n for n, _ in named])
+
+
+def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
+                    pairs_per_step: int) -> torch.optim.Optimizer:
+    o = config.optim
+    lr = o.lr * pairs_per_step if o.scale_lr else o.lr
+    if o.optimizer == "adamw":
+        # fused AdamW skips a step on device when told of a non-finite gradient (optimizer.found_inf): the
+        # loop needs no host sync to skip NaN steps
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
+                                 fused=device.type in ("cuda", "cpu"))
+    if o.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                         weight_decay=o.weight_decay)
+    if o.optimizer == "adamw8bit":
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise ValueError("optim.optimizer = 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes)")
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    raise ValueError(f"unknown optimizer {o.optimizer!r}")
+
+
+def build_lr_scheduler(config: Config, optimizer):
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(config.optim.lr_scheduler, optimizer, num_warmup_steps=config.optim.warmup_steps,
+                         num_training_steps=config.train.max_steps)
