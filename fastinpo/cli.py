@@ -78,6 +78,18 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_make_tiny_data(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastinpo.data import synthetic_rows, write_pickapic_parquet
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = write_pickapic_parquet(out / "train-00000.parquet", synthetic_rows(args.rows, args.resolution, args.seed))
+    print(f"{args.rows} synthetic Pick-a-Pic-format rows (with ties) written to {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinpo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -111,6 +123,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=32, help="image resolution the tiny VAE is built for")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
+
+    p = sub.add_parser("make-tiny-data", help="write synthetic preference pairs as a Pick-a-Pic parquet folder")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--rows", type=int, default=64)
+    p.add_argument("--resolution", type=int, default=40, help="smallest side of the synthetic images")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_cmd_make_tiny_data)
     return parser
 
 

@@ -37,3 +37,29 @@ def test_bad_arguments_give_a_clear_error(capsys):
 def test_console_script_entry_point():
     out = subprocess.run([sys.executable, "-m", "fastinpo", "env"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "reference" in out.stdout
+
+
+def test_shipped_configs_load():
+    """Every config in configs/ is valid (types, known keys, cross-field rules)."""
+    from pathlib import Path
+
+    from fastinpo.config import load_config
+
+    configs = sorted((Path(__file__).parents[1] / "configs").glob("*.toml"))
+    assert len(configs) >= 5
+    for path in configs:
+        config = load_config(path)
+        assert config.method.beta > 0, path
+
+
+def test_tiny_example_from_the_readme_runs(tmp_path, monkeypatch):
+    """The README's tiny example: make-tiny-pipeline, make-tiny-data, train configs/tiny-cpu.toml (shortened)."""
+    from pathlib import Path
+
+    config = Path(__file__).parents[1] / "configs" / "tiny-cpu.toml"
+    monkeypatch.chdir(tmp_path)
+    assert main(["make-tiny-pipeline", "runs/tiny-sdxl", "--arch", "sdxl"]) == 0
+    assert main(["make-tiny-data", "runs/tiny-data", "--rows", "12"]) == 0
+    assert main(["train", str(config), "--set", "train.max_steps=2", "--set", "train.progress=false"]) == 0
+    assert (tmp_path / "runs/tiny-inpo/export/unet/config.json").is_file()
+    assert (tmp_path / "runs/tiny-inpo/config.yaml").is_file()
