@@ -68,6 +68,7 @@ class RawBatch:
     captions: list[str]
     time_ids: torch.Tensor
     rows: torch.Tensor
+    positions: torch.Tensor | None = None  # (B,) the pairs' positions in the run's data stream (set by the trainer)
 
 
 @dataclass
@@ -81,13 +82,14 @@ class EncodedBatch:
     pooled_embeds: torch.Tensor | None
     time_ids: torch.Tensor | None
     rows: torch.Tensor
+    positions: torch.Tensor | None = None  # (B,) the pairs' positions in the run's data stream (set by the trainer)
 
     def to(self, device: torch.device | str) -> EncodedBatch:
         def move(t):
             return None if t is None else t.to(device, non_blocking=True)
 
         return EncodedBatch(move(self.latent_mean), move(self.latent_std), move(self.prompt_embeds),
-                            move(self.pooled_embeds), move(self.time_ids), self.rows)
+                            move(self.pooled_embeds), move(self.time_ids), self.rows, self.positions)
 
 
 def _pairs_first(tensors: list[torch.Tensor]) -> torch.Tensor:

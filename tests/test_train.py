@@ -89,6 +89,24 @@ def test_resume_is_exact(method, tiny_pipelines, pickapic_dir, tmp_path):
     assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(resumed)]
 
 
+def test_micro_batching_does_not_change_the_training(tiny_pipelines, pickapic_dir, tmp_path):
+    """Randomness is per pair (seeded by its stream position): 4 pairs x 1 micro-batch and 2 pairs x 2 micro-batches
+    are the same training, up to float32 summation order (different UNet batch sizes)."""
+    runs = {}
+    for name, batch, accum in (("one", 4, 1), ("two", 2, 2)):
+        out = tmp_path / name
+        train(_config(tiny_pipelines["sdxl"], pickapic_dir, out, "inpo", "train.max_steps=2", "method.eta=0.1",
+                      f"train.pairs_per_batch={batch}", f"train.grad_accum={accum}", "method.beta=100"))
+        runs[name] = (_metrics(out), _weights(out))
+    (m1, w1), (m2, w2) = runs["one"], runs["two"]
+    for a, b in zip(m1, m2, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    # Adam divides by sqrt(v): for a weight whose gradient is near 0, float32 noise in the gradient becomes an
+    # update difference of up to a fraction of lr (1e-4 here) — so the weights are compared at 0.1 lr
+    for k in w1:
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5)
+
+
 def test_full_export_loads_into_stock_diffusers(tiny_pipelines, pickapic_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 
@@ -122,7 +140,7 @@ def test_memory_light_gradient_equals_all_in_graph(tiny_pipelines):
 
     from fastinpo.config import MethodConfig
     from fastinpo.methods import build_method
-    from fastinpo.methods.base import Models, StepInputs
+    from fastinpo.methods.base import Models, PairRandomness, StepInputs
     from fastinpo.models import load_components, unet_callable
     from fastinpo.schedule import NoiseSchedule
 
@@ -136,7 +154,7 @@ def test_memory_light_gradient_equals_all_in_graph(tiny_pipelines):
     models = Models(unet_callable(policy_unet), unet_callable(ref_unet))
     schedule = NoiseSchedule.from_config(comps.scheduler_config)
     inputs = StepInputs(torch.randn(4, 4, 16, 16, generator=g), {"encoder_hidden_states": torch.randn(4, 77, 32,
-                        generator=g)}, torch.Generator(), torch.Generator())
+                        generator=g)}, PairRandomness.for_positions(0, [0, 1], "cpu"))
     grads = {}
     for light in (True, False):
         policy_unet.zero_grad()

@@ -13,6 +13,52 @@ from fastinpo.schedule import NoiseSchedule
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
 
+def stream_seed(seed: int, position: int, stream: int) -> int:
+    """The seed of one random stream of the pair at ``position`` in the run's data stream (64-bit mix)."""
+    x = (seed * 0x9E3779B97F4A7C15 + position * 0xBF58476D1CE4E5B9 + stream * 0x94D049BB133111EB + 1) % 2**64
+    x ^= x >> 31
+    return x % (2**63 - 1)
+
+
+@dataclass
+class PairRandomness:
+    """Every random number of a micro-batch, drawn per pair from streams seeded by (seed, the pair's position in
+    the run's data stream). A pair therefore gets the same timestep, noise, latent sample and caption dropout
+    whatever the micro-batch size, the gradient accumulation or the number of ranks it is trained with — which
+    is what makes a 2-rank run equal a 1-process run with the same global batch, and resume exact.
+
+    Attributes:
+        pair: one device generator per pair (latent sample, caption dropout, forward noise ε), in that order.
+        host: one CPU generator per pair (the training timestep: drawn on the host, so planning the InPO
+            inversion's batch sizes needs no device sync).
+        samples: ``2B`` device generators, winners then losers (InPO's per-sample inversion noise).
+    """
+
+    pair: list[torch.Generator]
+    host: list[torch.Generator]
+    samples: list[torch.Generator]
+
+    @classmethod
+    def for_positions(cls, seed: int, positions: list[int], device: torch.device | str) -> PairRandomness:
+        def gen(dev, position, stream):
+            return torch.Generator(dev).manual_seed(stream_seed(seed, position, stream))
+
+        return cls(pair=[gen(device, p, 0) for p in positions], host=[gen("cpu", p, 1) for p in positions],
+                   samples=[gen(device, p, 2) for p in positions] + [gen(device, p, 3) for p in positions])
+
+    def randn(self, shape, device, dtype=torch.float32) -> torch.Tensor:
+        """``(B, *shape)``: one draw of ``shape`` per pair from its own stream."""
+        return torch.stack([torch.randn(tuple(shape), generator=g, device=device, dtype=dtype) for g in self.pair])
+
+    def rand(self, device) -> torch.Tensor:
+        """``(B,)`` uniform [0, 1) per pair."""
+        return torch.cat([torch.rand(1, generator=g, device=device) for g in self.pair])
+
+    def timesteps(self, num_train_timesteps: int) -> torch.Tensor:
+        """``(B,)`` int64 on the host, ``t ~ U{0..T-1}`` per pair."""
+        return torch.cat([torch.randint(0, num_train_timesteps, (1,), generator=g) for g in self.host])
+
+
 @dataclass
 class StepInputs:
     """One micro-batch, ready for a method.
@@ -20,15 +66,12 @@ class StepInputs:
     Attributes:
         z0: ``(2B, C, h, w)`` float32 clean latents (a fresh posterior sample), winners first.
         cond: UNet conditioning pytree with ``2B`` rows (caption dropout already applied per pair).
-        generator: device generator for this micro-step's randomness (noise, InPO η noise).
-        host_generator: CPU generator for timesteps (drawn on the host so no device sync is needed to plan the
-            InPO inversion's batch sizes).
+        rng: the micro-batch's per-pair random streams.
     """
 
     z0: torch.Tensor
     cond: Any
-    generator: torch.Generator
-    host_generator: torch.Generator
+    rng: PairRandomness
 
     @property
     def num_pairs(self) -> int:
@@ -69,8 +112,7 @@ class Method:
 
     def sample_timesteps(self, inputs: StepInputs) -> torch.Tensor:
         """One training timestep per pair, ``t ~ U{0..T-1}``, drawn on the host (returned on the host)."""
-        T = self.schedule.num_train_timesteps
-        return torch.randint(0, T, (inputs.num_pairs,), generator=inputs.host_generator)
+        return inputs.rng.timesteps(self.schedule.num_train_timesteps)
 
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
         raise NotImplementedError

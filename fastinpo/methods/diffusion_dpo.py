@@ -13,7 +13,7 @@ class DiffusionDPO(Method):
     name = "diffusion-dpo"
 
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
-        x_t, t, target = noised_pairs(inputs.z0, self.sample_timesteps(inputs), self.schedule, inputs.generator)
+        x_t, t, target = noised_pairs(inputs.z0, self.sample_timesteps(inputs), self.schedule, inputs.rng)
         model_pred = models.policy(x_t, t, inputs.cond)  # [winners; losers] in one call
         with torch.no_grad():
             ref_pred = models.reference(x_t, t, inputs.cond)

@@ -23,7 +23,7 @@ class InPO(Method):
         t_host = self.sample_timesteps(inputs)  # on the host: inpo_invert plans its batch sizes without a sync
         inv = inpo_invert(models.policy, inputs.z0, t_host, inputs.cond, self.schedule,
                           num_levels=self.config.inversion_levels, eta=self.config.eta,
-                          generator=inputs.generator, backend=self.config.loss_backend)
+                          generator=inputs.rng.samples, backend=self.config.loss_backend)
         t = t_host.to(inputs.z0.device).repeat(2)
         target = inpo_target(inv.latents, inputs.z0, self.schedule.alphas_at(t))
         model_pred = models.policy(inv.latents, t, inputs.cond)

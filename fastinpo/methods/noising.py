@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import torch
 
+from fastinpo.methods.base import PairRandomness
 from fastinpo.schedule import NoiseSchedule, forward_noise, velocity_target
 
 
-def noised_pairs(z0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, generator: torch.Generator,
+def noised_pairs(z0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, rng: PairRandomness,
                  *, paired: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(x_t, t_per_sample, target)`` for ``z0`` ``(n, ...)``; with ``paired`` (n = 2B, t ``(B,)``) winner and
-    loser share ε and t. The target is ε, or the velocity for a v-prediction model."""
-    n = z0.shape[0]
-    base = n // 2 if paired else n
-    noise = torch.randn((base, *z0.shape[1:]), generator=generator, device=z0.device, dtype=torch.float32)
+    """``(x_t, t_per_sample, target)`` for ``z0`` — ``(2B, ...)`` with ``paired`` (winner and loser share ε and
+    t, SPEC §2), or ``(B, ...)`` winners only. ε is drawn per pair from its own stream. The target is ε, or the
+    velocity for a v-prediction model."""
+    noise = rng.randn(z0.shape[1:], z0.device)  # (B, ...)
     t = t.to(z0.device)
     if paired:
         noise, t = noise.repeat(2, *([1] * (z0.dim() - 1))), t.repeat(2)

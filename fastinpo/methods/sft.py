@@ -15,7 +15,7 @@ class SFT(Method):
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
         B = inputs.num_pairs
         winners = inputs.z0[:B]  # winners come first: the first B rows of every tensor
-        x_t, t, target = noised_pairs(winners, self.sample_timesteps(inputs), self.schedule, inputs.generator,
+        x_t, t, target = noised_pairs(winners, self.sample_timesteps(inputs), self.schedule, inputs.rng,
                                       paired=False)
         loss = sft_loss(models.policy(x_t, t, slice_cond(inputs.cond, B)), target)
         return MethodOutput(loss, {"loss": loss.detach(), "model_mse": loss.detach()})

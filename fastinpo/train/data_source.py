@@ -45,9 +45,13 @@ class PairOrderSampler(torch.utils.data.Sampler):
         """The epoch of a micro-batch's first pair."""
         return (micro_batch * self.W + self.rank) * self.B // self.n
 
-    def batch_indices(self, micro_batch: int) -> list[int]:
+    def positions(self, micro_batch: int) -> list[int]:
+        """The stream positions of a micro-batch's pairs (this rank's slice of the global batch)."""
         first = (micro_batch * self.W + self.rank) * self.B
-        return [self._at(p) for p in range(first, first + self.B)]
+        return list(range(first, first + self.B))
+
+    def batch_indices(self, micro_batch: int) -> list[int]:
+        return [self._at(p) for p in self.positions(micro_batch)]
 
     def __iter__(self) -> Iterator[list[int]]:
         m = self.start
@@ -122,17 +126,22 @@ class PairStream:
         set_epoch = getattr(self.dataset, "set_epoch", None) if self.config.data.num_workers == 0 else None
         for batch in _with_epochs(loader, set_epoch, sampler, start_micro_batch):
             if not self.cached:
+                positions = batch.positions
                 batch = self.encoder.encode_batch(batch, use_std=self.config.data.latent_sample)
+                batch.positions = positions
             yield batch.to(self.device)
 
 
 def _with_epochs(loader, set_epoch, sampler: PairOrderSampler, micro_batch: int):
+    """The loader's batches, each tagged with its pairs' stream positions (the seeds of their randomness)."""
     it = iter(loader)
     while True:
         if set_epoch is not None:
             set_epoch(sampler.epoch_of(micro_batch))
         try:
-            yield next(it)
+            batch = next(it)
         except StopIteration:
             return
+        batch.positions = torch.tensor(sampler.positions(micro_batch), dtype=torch.int64)
+        yield batch
         micro_batch += 1

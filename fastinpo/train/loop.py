@@ -19,7 +19,7 @@ import torch
 from fastinpo.batch import EncodedBatch
 from fastinpo.config import Config, save_config
 from fastinpo.methods import build_method
-from fastinpo.methods.base import StepInputs
+from fastinpo.methods.base import PairRandomness, StepInputs
 from fastinpo.schedule import NoiseSchedule
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train.data_source import PairStream
@@ -35,23 +35,18 @@ def pick_device(name: str) -> torch.device:
     return device
 
 
-def step_seed(seed: int, micro_step: int) -> int:
-    """The seed of one micro-step's randomness (independent streams, reproducible on resume)."""
-    return (seed * 0x9E3779B1 + micro_step * 0x85EBCA77 + 1) % (2**63 - 1)
-
-
-def make_step_inputs(batch: EncodedBatch, empty, config: Config, micro_step: int, device: torch.device) -> StepInputs:
-    """z0 (fresh posterior sample), caption dropout per pair, the UNet conditioning of [winners; losers]."""
-    gen = torch.Generator(device).manual_seed(step_seed(config.train.seed, micro_step))
-    host_gen = torch.Generator().manual_seed(step_seed(config.train.seed, micro_step) + 1)
+def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.device) -> StepInputs:
+    """z0 (a fresh posterior sample), caption dropout per pair, the UNet conditioning of [winners; losers]; all
+    randomness per pair, from its position in the data stream (see :class:`PairRandomness`)."""
+    rng = PairRandomness.for_positions(config.train.seed, batch.positions.tolist(), device)
     z0 = batch.latent_mean
     if config.data.latent_sample and batch.latent_std is not None:
-        z0 = z0 + batch.latent_std * torch.randn(z0.shape, generator=gen, device=device, dtype=z0.dtype)
-    B = batch.prompt_embeds.shape[0]
+        eps = rng.randn((2, *z0.shape[1:]), device, z0.dtype)  # (B, 2, ...): one draw per pair for both images
+        z0 = z0 + batch.latent_std * torch.cat([eps[:, 0], eps[:, 1]], 0)
     prompt, pooled = batch.prompt_embeds, batch.pooled_embeds
     p = config.data.caption_dropout
     if p > 0:  # one draw per pair: both images of a pair see the same (possibly empty) caption
-        drop = torch.rand(B, generator=gen, device=device) < p
+        drop = rng.rand(device) < p
         prompt = torch.where(drop.view(-1, 1, 1), empty.prompt_embeds.to(prompt.dtype), prompt)
         if pooled is not None:
             pooled = torch.where(drop.view(-1, 1), empty.pooled.to(pooled.dtype), pooled)
@@ -59,7 +54,7 @@ def make_step_inputs(batch: EncodedBatch, empty, config: Config, micro_step: int
     if pooled is not None:
         cond["text_embeds"] = pooled.repeat(2, 1)
         cond["time_ids"] = batch.time_ids
-    return StepInputs(z0.float(), cond, gen, host_gen)
+    return StepInputs(z0.float(), cond, rng)
 
 
 class MetricsLog:
@@ -172,9 +167,8 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
         while step < last_step:
             optimizer.zero_grad(set_to_none=True)
             bad = torch.zeros((), dtype=torch.bool, device=device)
-            for micro in range(config.train.grad_accum):
-                micro_step = step * config.train.grad_accum + micro
-                inputs = make_step_inputs(next(batches), stream.empty, config, micro_step, device)
+            for _ in range(config.train.grad_accum):
+                inputs = make_step_inputs(next(batches), stream.empty, config, device)
                 scale = 1.0 / config.train.grad_accum
                 out = method(inputs, models.callables, loss_scale=scale)
                 if not out.backward_done:
