@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``cache`` and ``train``. ``sample``, ``eval``, ``bench`` and ``demo`` arrive with their issues.
+``make-tiny-data``, ``cache``, ``train``, ``sample`` and ``eval``.
 """
 
 from __future__ import annotations
@@ -130,6 +130,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resolution", type=int, default=40, help="smallest side of the synthetic images")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny_data)
+
+    from fastinpo import evaluate, sampling
+
+    sampling.add_cli(sub)  # fastinpo sample
+    evaluate.add_cli(sub)  # fastinpo eval
     return parser
 
 
