@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastinpo-installed
 export PY
 
-.PHONY: install demo test test-core test-triton aot lint clean
+.PHONY: install demo test test-core test-triton test-distributed bench-smoke lint clean
 
 $(STAMP): pyproject.toml setup.py scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -18,11 +18,21 @@ demo: $(STAMP)
 	$(VENV)/bin/fastinpo env
 	$(VENV)/bin/fastinpo quickstart
 
-## Every CPU test: the core suite, then the Triton kernels through the interpreter.
-test: test-core test-triton
+## Every CPU test: the core suite, the Triton kernels through the interpreter, the 2-process DeepSpeed tier.
+test: test-core test-triton test-distributed
 
 test-core: $(STAMP)
-	bash scripts/run_pytest.sh -q tests --ignore=tests/triton
+	bash scripts/run_pytest.sh -q tests --ignore=tests/triton -m "not distributed"
+
+# DeepSpeed ZeRO on CPU (gloo, 2 processes): its own tier, so a hang there cannot hide the core results.
+test-distributed: $(STAMP)
+	DS_ACCELERATOR=cpu bash scripts/run_pytest.sh --allow-empty -q tests -m distributed --ignore=tests/triton
+
+## CPU smoke of the benchmarks (ratios only; rows go to a scratch folder, not benchmarks/results/).
+bench-smoke: $(STAMP)
+	@mkdir -p .bench-smoke
+	@if [ -f benchmarks/bench_kernels.py ]; then $(PY) benchmarks/bench_kernels.py --smoke --out .bench-smoke; fi
+	@if [ -f benchmarks/bench_train_step.py ]; then $(PY) benchmarks/bench_train_step.py --smoke --out .bench-smoke; fi
 
 # TRITON_INTERPRET must be set before triton is imported: its own process.
 test-triton: $(STAMP)

@@ -118,6 +118,21 @@ class TrainConfig:
 
 
 @dataclass
+class DistributedConfig:
+    backend: Literal["none", "deepspeed"] = _f(
+        "none", "'none': one process; 'deepspeed': DeepSpeed ZeRO across the processes of a torchrun/deepspeed launch")
+    deepspeed_config: str = _f(
+        "zero3", "DeepSpeed preset: zero2, zero3, zero3_offload (configs/deepspeed/) or a JSON path; batch sizes, "
+        "clipping, optimizer and precision are filled in from this config")
+    reference: Literal["replicated", "sharded"] = _f(
+        "replicated", "full fine-tuning: frozen reference as a copy on every GPU in model.reference_dtype, or "
+        "sharded by ZeRO-3 for inference (LoRA has no reference copy)")
+    inversion_copy: Literal["none", "bfloat16", "float32"] = _f(
+        "none", "InPO: invert with a replicated copy of the policy, refreshed after each optimizer step, instead "
+        "of all-gathering the ZeRO-3 policy at every inversion call")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -125,6 +140,7 @@ class Config:
     lora: LoraConfig = field(default_factory=LoraConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> Config:
         """Cross-field checks that types cannot express; raises ValueError naming the key."""
@@ -148,6 +164,16 @@ class Config:
             problems.append(f"lora.rank must be >= 0, got {self.lora.rank}")
         if self.method.symmetry_breaking == "lora-init" and (self.lora.rank == 0 or self.lora.init != "gaussian"):
             problems.append("method.symmetry_breaking = 'lora-init' needs lora.rank > 0 and lora.init = 'gaussian'")
+        dist = self.distributed
+        if dist.backend == "none" and (dist.reference != "replicated" or dist.inversion_copy != "none"):
+            problems.append("distributed.reference and distributed.inversion_copy apply only with "
+                            "distributed.backend = 'deepspeed'")
+        if dist.reference == "sharded" and self.lora.rank > 0:
+            problems.append("distributed.reference = 'sharded' with LoRA: LoRA has no reference copy (the reference "
+                            "is the policy with its adapters disabled); leave it 'replicated'")
+        if dist.inversion_copy != "none" and self.method.name != "inpo":
+            problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
+                            f"{self.method.name!r}")
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self

@@ -36,6 +36,9 @@ else
   pip_q torch==2.13.0
 fi
 
+# DeepSpeed (dev/deepspeed extras) compiles its ops just in time where they are used; building them at install
+# needs CUDA. DS_BUILD_OPS=0 gives the pure-Python wheel (ZeRO runs on CPU with gloo, and on GPUs as usual).
+export DS_BUILD_OPS=${DS_BUILD_OPS:-0}
 # --no-build-isolation: setup.py builds against the torch installed above, never a fresh one.
 echo "[install] fastinpo[$EXTRAS] (editable)"
 pip_q --no-build-isolation -e ".[$EXTRAS]"

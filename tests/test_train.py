@@ -107,6 +107,16 @@ def test_micro_batching_does_not_change_the_training(tiny_pipelines, pickapic_di
         torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5)
 
 
+def test_validation_grids_are_written(tiny_pipelines, pickapic_dir, tmp_path):
+    from PIL import Image
+
+    train(_config(tiny_pipelines["sdxl"], pickapic_dir, tmp_path, "sft", "train.sample_every=2",
+                  'train.sample_prompts=["a red fox", "a castle", "the sea"]'))
+    grid = Image.open(tmp_path / "samples" / "step-00000002.png")
+    assert grid.height >= 3 * 32 and grid.width >= 4 * 32  # rows: 3 prompts, columns: 4 seeds
+    assert len(set(grid.convert("L").getdata())) > 10  # real images, not a blank sheet
+
+
 def test_full_export_loads_into_stock_diffusers(tiny_pipelines, pickapic_dir, tmp_path):
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
 

@@ -80,10 +80,27 @@ class StepInputs:
 
 @dataclass
 class Models:
-    """The policy (with grad) and the frozen reference (called without grad), both ``(x, t, cond) -> eps``."""
+    """The policy (with grad) and the frozen reference (called without grad), both ``(x, t, cond) -> eps``.
+
+    Attributes:
+        inversion: the model InPO inverts with (SPEC §3: the policy). None means ``policy`` itself; under ZeRO-3
+            it can be a replicated copy of the policy refreshed after every optimizer step, because calling the
+            sharded policy would all-gather every weight at each of the up to K inversion calls.
+        backward: how a method that runs its own backward (Inversion-DPO's memory-light gradient) back-propagates
+            a loss. None means ``loss.backward()``; DeepSpeed needs ``engine.backward`` (its gradient reduction
+            and loss scaling hang off it).
+    """
 
     policy: Model
     reference: Model
+    inversion: Model | None = None
+    backward: Callable[[torch.Tensor], Any] | None = None
+
+    def run_backward(self, loss: torch.Tensor) -> None:
+        if self.backward is not None:
+            self.backward(loss)
+        else:
+            loss.backward()
 
 
 @dataclass

@@ -21,7 +21,8 @@ class InPO(Method):
 
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
         t_host = self.sample_timesteps(inputs)  # on the host: inpo_invert plans its batch sizes without a sync
-        inv = inpo_invert(models.policy, inputs.z0, t_host, inputs.cond, self.schedule,
+        inverter = models.inversion if models.inversion is not None else models.policy
+        inv = inpo_invert(inverter, inputs.z0, t_host, inputs.cond, self.schedule,
                           num_levels=self.config.inversion_levels, eta=self.config.eta,
                           generator=inputs.rng.samples, backend=self.config.loss_backend)
         t = t_host.to(inputs.z0.device).repeat(2)

@@ -60,5 +60,5 @@ class InversionDPO(Method):
             eps = self._policy_eps(models, traj, i, inputs.cond, uncond)
             mse = ref_ops.per_sample_mse(eps, traj.ref_eps[i])
             surrogate = (grad_D * (weights[i] / N) * mse).sum()
-            (surrogate * loss_scale).backward()
+            models.run_backward(surrogate * loss_scale)
         return MethodOutput(out.loss.detach(), dpo_metrics(out), backward_done=True)

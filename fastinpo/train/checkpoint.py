@@ -71,7 +71,6 @@ def save_checkpoint(root: str | Path, step: int, *, trainable: dict[str, torch.T
     """Write ``checkpoints/step-{step}`` atomically, then keep only the newest ``keep_last``."""
     d = checkpoint_dir(root)
     d.mkdir(parents=True, exist_ok=True)
-    final = d / f"step-{step:08d}"
     tmp = d / f".tmp-step-{step:08d}-{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -81,9 +80,21 @@ def save_checkpoint(root: str | Path, step: int, *, trainable: dict[str, torch.T
     torch.save(lr_scheduler.state_dict(), tmp / "lr_scheduler.pt")
     if scaler is not None:
         torch.save(scaler.state_dict(), tmp / "scaler.pt")
+    return commit_checkpoint(root, tmp, step, state=state, keep_last=keep_last)
+
+
+def commit_checkpoint(root: str | Path, tmp: Path, step: int, *, state: dict[str, Any], keep_last: int) -> Path:
+    """Finish a checkpoint whose files are all in ``tmp``: fsync them, write ``state.json`` last, rename ``tmp``
+    to ``checkpoints/step-{step}``, prune to the newest ``keep_last``. Under DeepSpeed every rank has written its
+    shards into ``tmp`` before rank 0 calls this (after a barrier)."""
+    d = checkpoint_dir(root)
+    final = d / f"step-{step:08d}"
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    for f in tmp.iterdir():
-        _fsync_file(f)
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(sub)
     _fsync_dir(tmp)
     if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
@@ -106,6 +117,10 @@ def remove_partial(root: str | Path) -> list[Path]:
 def load_checkpoint(path: Path, *, trainable: dict[str, torch.nn.Parameter], optimizer, lr_scheduler,
                     scaler) -> dict[str, Any]:
     """Restore everything :func:`save_checkpoint` wrote; returns the saved state dict (step, counters)."""
+    saved_backend = json.loads((path / "state.json").read_text()).get("backend", "none")
+    if saved_backend != "none":
+        raise ValueError(f"checkpoint {path} was written by a distributed.backend = {saved_backend!r} run (sharded "
+                         "optimizer state); resume it with the same backend and world size")
     weights = load_file(path / WEIGHTS)
     missing = sorted(set(trainable) - set(weights))
     unexpected = sorted(set(weights) - set(trainable))

@@ -24,6 +24,7 @@ from fastinpo.schedule import NoiseSchedule
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train.data_source import PairStream
 from fastinpo.train.models import DTYPES, build_lr_scheduler, build_models, build_optimizer
+from fastinpo.train.validation import ValidationGrids
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,15 +61,18 @@ def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.d
 class MetricsLog:
     """Device-side metric sums between logging steps; one host read per log; metrics.jsonl + TensorBoard."""
 
-    def __init__(self, out_dir: Path, start_step: int):
+    def __init__(self, out_dir: Path, start_step: int, *, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size = rank, world_size
         self.path = out_dir / "metrics.jsonl"
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}  # per key: per-micro-batch metrics and per-step ones mix
+        self.writer = None
+        if rank != 0:  # under DeepSpeed only rank 0 writes; the others only take part in the reduction
+            return
         if self.path.exists():  # a resumed run rewrites what came after its checkpoint
             lines = self.path.read_text().splitlines()
             kept = [line for line in lines if line and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}  # per key: per-micro-batch metrics and per-step ones mix
-        self.writer = None
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -84,8 +88,17 @@ class MetricsLog:
 
     def flush(self, step: int, extra: dict[str, float]) -> dict[str, float]:
         keys = sorted(self.sums)
-        values = torch.stack([self.sums[k] for k in keys]).tolist() if keys else []  # the one host read
+        stacked = torch.stack([self.sums[k] for k in keys]) if keys else None
+        if self.world_size > 1 and stacked is not None:
+            # the one collective of a log step: every rank logs the same keys the same number of times, so the
+            # mean over ranks of per-rank means is the mean over the global batch
+            torch.distributed.all_reduce(stacked)
+            stacked = stacked / self.world_size
+        values = stacked.tolist() if stacked is not None else []  # the one host read
         row = {"step": step, **{k: v / self.counts[k] for k, v in zip(keys, values, strict=True)}, **extra}
+        self.sums, self.counts = {}, {}
+        if self.rank != 0:
+            return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
         if self.writer is not None:
@@ -93,7 +106,6 @@ class MetricsLog:
                 if k != "step" and isinstance(v, (int, float)):
                     self.writer.add_scalar(k, v, step)
             self.writer.flush()
-        self.sums, self.counts = {}, {}
         return row
 
     def close(self):
@@ -113,6 +125,10 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     from fastinpo.models import Encoder, load_components
 
     config.validate()
+    if config.distributed.backend == "deepspeed":
+        from fastinpo.train.distributed import train_deepspeed
+
+        return train_deepspeed(config, resume=resume, stop_after=stop_after)
     out_dir = Path(config.train.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = pick_device(config.train.device)
@@ -145,6 +161,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     save_config(config, out_dir / "config.yaml")
 
     log = MetricsLog(out_dir, start_step)
+    grids = ValidationGrids(config, out_dir, device)
     fused_skip = getattr(optimizer, "_step_supports_amp_scaling", False) and scaler is None
     consecutive = torch.tensor(float(state["consecutive_nan"]), device=device)
     nan_total = torch.tensor(float(state["nan_steps"]), device=device)
@@ -214,6 +231,8 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
                         f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
                         f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
                         f"checkpoint in {path}. Lower the learning rate or check the data.")
+            if config.train.sample_every and step % config.train.sample_every == 0:
+                grids(step, models.unet)
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
                 save(step)
         final = save(step)

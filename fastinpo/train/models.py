@@ -57,8 +57,11 @@ def check_symmetry_breaking(config: Config) -> None:
                          "model.reference_dtype = 'bfloat16' or 'float16'")
 
 
-def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
-    """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
+def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = True):
+    """The policy UNet before any reference copy or distribution: ``model.unet_init``, the float32 check, the
+    attention kernel, LoRA adapters (frozen base) or full ``requires_grad``. Returns ``(unet, lora)``. ``move``
+    puts it on ``device``; DeepSpeed leaves it on the CPU so that ZeRO-3 moves and shards it one parameter at a
+    time instead of materialising a full copy on every GPU first."""
     from diffusers import UNet2DConditionModel
 
     check_symmetry_breaking(config)
@@ -66,24 +69,24 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
         unet = UNet2DConditionModel.from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
     if next(unet.parameters()).dtype != torch.float32:
         raise ValueError("the policy UNet must be loaded in float32 (mixed precision is train.mixed_precision)")
-    unet = unet.to(device)
+    if move:
+        unet = unet.to(device)
     if config.model.attention == "xformers":
         if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
             raise ValueError("model.attention = 'xformers' needs CUDA and the xformers package; use 'sdpa'")
         unet.enable_xformers_memory_efficient_attention()
-    amp_dtype = DTYPES[config.train.mixed_precision]
-    ref_dtype = DTYPES[config.model.reference_dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
     lora = config.lora.rank > 0
     if lora:
         unet.requires_grad_(False)
         from peft import LoraConfig
 
-        unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha or config.lora.rank,
-                                    init_lora_weights=True, target_modules=list(config.lora.target_modules)))
+        # peft draws lora_A from the global RNG: seed it from the run, so the init does not depend on what ran
+        # before in the process, and every rank of a distributed run builds the same adapters (ZeRO-3 keeps
+        # each rank's own slice of its local tensor, so different inits would be silently stitched together)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(config.train.seed)
+            unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha or config.lora.rank,
+                                        init_lora_weights=True, target_modules=list(config.lora.target_modules)))
         if config.lora.init == "gaussian":
             # peft's own "gaussian" init still zeroes B (a zero update); SPEC §4's symmetry breaking needs a
             # non-zero adapter product, so B gets small random values too, from the run's seed.
@@ -92,6 +95,21 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
                 for name, p in unet.named_parameters():
                     if "lora_B" in name:
                         p.copy_(1e-3 * torch.randn(p.shape, generator=g))
+    else:
+        unet.requires_grad_(True)
+    return unet, lora
+
+
+def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
+    """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
+    unet, lora = prepare_policy(config, unet, device)
+    amp_dtype = DTYPES[config.train.mixed_precision]
+    ref_dtype = DTYPES[config.model.reference_dtype]
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    if lora:
         reference_unet = None
 
         def reference(x, t, cond):
@@ -101,7 +119,6 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
             finally:
                 unet.enable_adapters()
     else:
-        unet.requires_grad_(True)
         needs_ref = config.method.name != "sft"
         reference_unet = (copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval() if needs_ref else None)
 

@@ -1,0 +1,592 @@
+"""``fastinpo train`` under DeepSpeed ZeRO (``distributed.backend = "deepspeed"``), one process per GPU.
+
+Launch with ``torchrun --nproc_per_node N -m fastinpo.cli train CONFIG`` (or the ``deepspeed`` launcher, or
+``accelerate launch``); rank and world size come from the environment. What differs from the one-process loop
+(:mod:`fastinpo.train.loop`), and why:
+
+- The DeepSpeed config is a preset (``configs/deepspeed/``) whose batch sizes, gradient accumulation, clipping,
+  optimizer and precision are filled in from the trainer config; a preset value that contradicts it is an error,
+  so the two cannot disagree.
+- The policy UNet is handed to DeepSpeed on the CPU and sharded there (ZeRO-3), one parameter at a time. Frozen
+  modules (reference copy, inversion copy, VAE, text encoders) are built outside any ``zero.Init`` and stay
+  ordinary modules; the reference can instead be sharded by a second, inference-only ZeRO-3 engine.
+- Data: rank r of W takes its own slice of every global batch (:class:`PairStream`); with all randomness per
+  pair, a W-rank run with B pairs per rank is the same training as one process with W·B pairs per micro-batch.
+- Gradients go through ``engine.backward`` (also for methods that back-propagate themselves, via
+  ``Models.backward``); ``engine.step`` is called after every micro-batch and updates at the accumulation
+  boundary. DeepSpeed skips a step whose gradient norm is not finite, in every precision.
+- Metrics: one all-reduce per logging step, rank 0 writes. Checkpoints: every rank writes its shards into one
+  temporary folder, rank 0 adds ``state.json`` and renames it after a barrier (same atomic contract as
+  :mod:`fastinpo.train.checkpoint`). Export: consolidated ``unet/`` or LoRA weights, gathered on rank 0.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from fastinpo.config import Config, save_config
+from fastinpo.methods.base import Models
+from fastinpo.train.models import DTYPES, _unet_forward, build_lr_scheduler, prepare_policy
+
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
+PRESETS = ("zero2", "zero3", "zero3_offload")
+DS_TAG = "ds"  # the DeepSpeed tag folder inside a fastinpo checkpoint folder
+GATHER_NUMEL = 1 << 27  # elements gathered at once when consolidating (512 MiB in fp32): bounds the GPU peak
+
+
+# ----------------------------------------------------------------------------------------------- environment
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            torch.distributed.barrier()
+
+
+def init_distributed(config: Config) -> DistEnv:
+    """Join the process group of the launch (torchrun / deepspeed / accelerate set RANK, WORLD_SIZE, LOCAL_RANK,
+    MASTER_ADDR, MASTER_PORT); NCCL on CUDA, gloo on the CPU."""
+    import deepspeed
+
+    missing = [k for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK") if k not in os.environ]
+    if missing and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise RuntimeError(f"distributed.backend = 'deepspeed' but {', '.join(missing)} is not set: launch with "
+                           "torchrun, the deepspeed launcher or accelerate launch")
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    want = config.train.device
+    use_cuda = torch.cuda.is_available() and want in ("auto", "cuda") or want.startswith("cuda")
+    if use_cuda:
+        if not torch.cuda.is_available():
+            raise ValueError("train.device = 'cuda' but no CUDA device is available")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not torch.distributed.is_initialized():
+        # a single process started without a launcher still gets a (1-rank) group: DeepSpeed needs one
+        os.environ.setdefault("RANK", "0")
+        os.environ.setdefault("WORLD_SIZE", "1")
+        os.environ.setdefault("LOCAL_RANK", "0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29511")
+        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+    return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+# ----------------------------------------------------------------------------------------------- DeepSpeed config
+def load_preset(spec: str) -> dict[str, Any]:
+    """A preset name (``zero2``, ``zero3``, ``zero3_offload``) or a path to a DeepSpeed JSON."""
+    path = PRESET_DIR / f"{spec}.json" if spec in PRESETS else Path(spec)
+    if not path.is_file():
+        raise FileNotFoundError(f"distributed.deepspeed_config = {spec!r}: no such preset or file "
+                                f"(presets: {', '.join(PRESETS)} in {PRESET_DIR})")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"DeepSpeed config {path} is not valid JSON: {err}") from None
+
+
+def _fill(ds: dict, keys: tuple[str, ...], value, source: str) -> None:
+    """Set ``ds[k1][k2]...`` to ``value``; a preset value other than "auto" that differs is an error."""
+    node = ds
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+    have = node.get(keys[-1], "auto")
+    if have != "auto" and have != value:
+        raise ValueError(f"DeepSpeed config: {'.'.join(keys)} = {have!r} contradicts the trainer config "
+                         f"({source} gives {value!r}); set it to \"auto\" or remove it — the trainer fills it in")
+    node[keys[-1]] = value
+
+
+def zero_stage(ds: dict) -> int:
+    return int(ds.get("zero_optimization", {}).get("stage", 0))
+
+
+def offloads_optimizer(ds: dict) -> bool:
+    return ds.get("zero_optimization", {}).get("offload_optimizer", {}).get("device", "none") not in ("none", None)
+
+
+def fill_deepspeed_config(config: Config, preset: dict[str, Any], world_size: int) -> dict[str, Any]:
+    """The DeepSpeed config of a run: the preset plus everything the trainer config decides."""
+    ds = copy.deepcopy(preset)
+    t, o = config.train, config.optim
+    for key in ("optimizer", "scheduler"):
+        if key in ds:
+            raise ValueError(f"DeepSpeed config: remove the {key!r} section — the trainer builds it from [optim] "
+                             "so that the two cannot disagree")
+    if zero_stage(ds) not in (0, 1, 2, 3):
+        raise ValueError(f"DeepSpeed config: zero_optimization.stage must be 0..3, got {zero_stage(ds)}")
+    _fill(ds, ("train_micro_batch_size_per_gpu",), t.pairs_per_batch, "train.pairs_per_batch")
+    _fill(ds, ("gradient_accumulation_steps",), t.grad_accum, "train.grad_accum")
+    _fill(ds, ("train_batch_size",), t.pairs_per_batch * t.grad_accum * world_size,
+          f"train.pairs_per_batch x train.grad_accum x {world_size} ranks")
+    # DeepSpeed's default clipping is 1.0: always written, so 0 (off) in the trainer config means off here too
+    _fill(ds, ("gradient_clipping",), float(o.max_grad_norm), "optim.max_grad_norm")
+    _fill(ds, ("bf16", "enabled"), t.mixed_precision == "bf16", "train.mixed_precision")
+    _fill(ds, ("fp16", "enabled"), t.mixed_precision == "fp16", "train.mixed_precision")
+    pairs_per_step = t.pairs_per_batch * t.grad_accum * world_size
+    lr = o.lr * pairs_per_step if o.scale_lr else o.lr
+    if o.optimizer == "adamw":
+        params = {"lr": lr, "betas": list(o.betas), "eps": o.eps, "weight_decay": o.weight_decay}
+        if not offloads_optimizer(ds):
+            # torch's AdamW: otherwise DeepSpeed JIT-compiles its fused Adam (minutes, and a CUDA toolchain).
+            # With the optimizer offloaded DeepSpeed wants its CPU Adam, which is far faster than torch's on CPU.
+            params["torch_adam"] = True
+        ds["optimizer"] = {"type": "AdamW", "params": params}
+    elif o.optimizer == "adafactor":
+        # a client optimizer (built in build_engine); DeepSpeed only vouches for its own under ZeRO
+        ds["zero_allow_untested_optimizer"] = True
+    else:
+        raise ValueError(f"optim.optimizer = {o.optimizer!r} is not supported with distributed.backend = "
+                         "'deepspeed'; use 'adamw' or 'adafactor'")
+    ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own prints would interleave
+    ds.setdefault("wall_clock_breakdown", False)
+    return ds
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _is_partitioned(p: torch.nn.Parameter) -> bool:
+    return hasattr(p, "ds_id")
+
+
+def iter_gathered(named: list[tuple[str, torch.nn.Parameter]], max_numel: int = GATHER_NUMEL
+                  ) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield ``(name, full tensor)`` for ZeRO-3 parameters, gathering a bounded chunk at a time (every rank must
+    iterate the same list: the gathers are collectives). Unpartitioned parameters pass through."""
+    import deepspeed
+
+    chunk: list[tuple[str, torch.nn.Parameter]] = []
+    numel = 0
+    for i, (name, p) in enumerate(named):
+        chunk.append((name, p))
+        numel += int(getattr(p, "ds_numel", p.numel()))
+        if numel >= max_numel or i == len(named) - 1:
+            parts = [q for _, q in chunk if _is_partitioned(q)]
+            with deepspeed.zero.GatheredParameters(parts, modifier_rank=None, enabled=bool(parts)):
+                yield from ((n, q.data) for n, q in chunk)
+            chunk, numel = [], 0
+
+
+class InversionLockstep:
+    """InPO inverting with the ZeRO-3-sharded policy (no inversion copy): every policy call all-gathers weights, a
+    collective, so every rank must make the same number of calls. A pair's inversion takes as many calls as there
+    are grid levels below its timestep, so ranks holding different timesteps would call a different number of
+    times and the collectives would mismatch (a hang or a gloo/NCCL size error). Timesteps are a function of
+    (seed, stream position), so each rank computes every rank's timesteps itself — no communication — and makes
+    up the difference with throw-away one-sample calls before its next policy or reference call."""
+
+    def __init__(self, config: Config, schedule, env: DistEnv):
+        from fastinpo.schedule import inpo_grid
+
+        self.seed, self.B, self.env = config.train.seed, config.train.pairs_per_batch, env
+        self.T = schedule.num_train_timesteps
+        self.levels = inpo_grid(schedule, config.method.inversion_levels).source_levels.tolist()
+        self.calls = 0
+        self.expected = 0
+
+    def begin(self, positions: list[int]) -> None:
+        """Before a micro-batch: the most inversion calls any rank will make for it."""
+        from fastinpo.methods.base import PairRandomness
+
+        first = positions[0] - self.env.rank * self.B  # the global batch's first stream position
+        everyone = list(range(first, first + self.env.world_size * self.B))
+        t = PairRandomness.for_positions(self.seed, everyone, "cpu").timesteps(self.T).tolist()
+        self.expected = max(sum(1 for s in self.levels if s < ti) for ti in t)
+        self.calls = 0
+
+    def pad(self, forward, x, t, cond) -> None:
+        from fastinpo.inversion import slice_cond
+
+        with torch.no_grad():
+            while self.calls < self.expected:
+                forward(x[:1], t[:1] if torch.is_tensor(t) and t.dim() > 0 else t, slice_cond(cond, 1))
+                self.calls += 1
+
+
+@dataclass
+class DistributedModels:
+    engine: Any  # the DeepSpeed engine of the policy
+    unet: Any  # engine.module
+    lora: bool
+    callables: Models
+    reference_engine: Any | None  # distributed.reference = "sharded"
+    inversion_unet: Any | None  # distributed.inversion_copy
+    trainable_names: list[str]
+    lockstep: InversionLockstep | None = None
+    reference_unet: Any | None = None  # the frozen reference copy (None with LoRA and for SFT)
+
+    def refresh_inversion_copy(self) -> None:
+        """Copy the policy's current weights into the inversion copy. The weights change only at optimizer steps,
+        so refreshing after each step keeps the copy never stale. Only the trainable parameters change."""
+        if self.inversion_unet is None:
+            return
+        target = dict(self.inversion_unet.named_parameters())
+        named = [(n, p) for n, p in self.unet.named_parameters() if p.requires_grad]
+        with torch.no_grad():
+            for name, full in iter_gathered(named):
+                target[name].copy_(full)
+
+
+def _ds_forward_dtype(ds: dict) -> torch.dtype:
+    if ds.get("bf16", {}).get("enabled") is True:
+        return torch.bfloat16
+    if ds.get("fp16", {}).get("enabled") is True:
+        return torch.float16
+    return torch.float32
+
+
+def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) -> DistributedModels:
+    """The policy as a DeepSpeed engine, the reference (replicated copy, sharded inference engine, or the policy
+    with LoRA adapters disabled) and the optional replicated inversion copy."""
+    import deepspeed
+
+    device = env.device
+    unet, lora = prepare_policy(config, unet, device, move=False)
+    ref_dtype = DTYPES[config.model.reference_dtype]
+    dist = config.distributed
+    stage = zero_stage(ds)
+    # Copies of frozen modules are made now, from the full float32 weights on the CPU, before ZeRO-3 replaces
+    # every parameter of the policy by its shard (a deepcopy afterwards would copy empty shards).
+    reference_unet = reference_engine = None
+    if not lora and config.method.name != "sft":
+        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
+        if dist.reference == "sharded":
+            if stage != 3:
+                raise ValueError("distributed.reference = 'sharded' needs ZeRO stage 3 (the preset has stage "
+                                 f"{stage}); use 'replicated' or a zero3 preset")
+            zero = {k: v for k, v in ds["zero_optimization"].items() if k.startswith("stage3_") or k == "offload_param"}
+            ref_ds = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
+                      "gradient_accumulation_steps": ds["gradient_accumulation_steps"],
+                      "train_batch_size": ds["train_batch_size"],
+                      "zero_optimization": {"stage": 3, **zero},
+                      "bf16": {"enabled": ref_dtype == torch.bfloat16},
+                      "fp16": {"enabled": ref_dtype == torch.float16, "auto_cast": False},
+                      "steps_per_print": 10**9}
+            # no optimizer: an inference-only engine; ZeRO-3 shards it like the policy, with no optimizer state
+            reference_engine = deepspeed.initialize(model=reference_unet, config=ref_ds)[0]
+            reference_engine.eval()
+            reference_unet = reference_engine.module
+        else:
+            reference_unet = reference_unet.to(device)
+    inversion_unet = None
+    copy_dtype = DTYPES.get(dist.inversion_copy) if dist.inversion_copy != "none" else None
+    if copy_dtype is not None:
+        if stage != 3:
+            raise ValueError(f"distributed.inversion_copy is for ZeRO-3 (with stage {stage} every rank already "
+                             "holds the whole policy): set it to 'none'")
+        inversion_unet = copy.deepcopy(unet).to(device, copy_dtype).requires_grad_(False).eval()
+
+    if config.model.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    trainable = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
+    client_optimizer = None
+    if config.optim.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        o, t = config.optim, config.train
+        lr = o.lr * t.pairs_per_batch * t.grad_accum * env.world_size if o.scale_lr else o.lr
+        client_optimizer = Adafactor([p for _, p in trainable], lr=lr, scale_parameter=False, relative_step=False,
+                                     warmup_init=False, weight_decay=o.weight_decay)
+    engine, _, _, _ = deepspeed.initialize(
+        model=unet, model_parameters=[p for _, p in trainable], optimizer=client_optimizer, config=ds,
+        lr_scheduler=lambda opt: build_lr_scheduler(config, opt))
+    module = engine.module
+    fwd_dtype = _ds_forward_dtype(ds)
+    lockstep = None
+    if config.method.name == "inpo" and stage == 3 and copy_dtype is None:
+        if schedule is None:
+            raise ValueError("build_engine needs the noise schedule for InPO under ZeRO-3 without an inversion copy")
+        lockstep = InversionLockstep(config, schedule, env)
+
+    def sharded_no_grad(x, t, cond):
+        with torch.no_grad():
+            return _unet_forward(module, x, t, cond, fwd_dtype)
+
+    def catch_up(x, t, cond):
+        if lockstep is not None:
+            lockstep.pad(sharded_no_grad, x, t, cond)
+
+    def policy(x, t, cond):
+        catch_up(x, t, cond)
+        return _unet_forward(engine, x, t, cond, fwd_dtype)
+
+    if lora:
+        def reference(x, t, cond):
+            catch_up(x, t, cond)
+            module.disable_adapters()
+            try:
+                with torch.no_grad():
+                    return _unet_forward(module, x, t, cond, fwd_dtype).float()
+            finally:
+                module.enable_adapters()
+    else:
+        def reference(x, t, cond):
+            if reference_unet is None:
+                raise RuntimeError("this method has no reference model")
+            with torch.no_grad():
+                return _unet_forward(reference_unet, x, t, cond, ref_dtype).float()
+
+    inversion = None
+    if inversion_unet is not None:
+        def inversion(x, t, cond):
+            with torch.no_grad():
+                return _unet_forward(inversion_unet, x, t, cond, copy_dtype)
+    elif lockstep is not None:
+        def inversion(x, t, cond):
+            lockstep.calls += 1
+            return sharded_no_grad(x, t, cond)
+
+    callables = Models(policy, reference, inversion=inversion,
+                       backward=lambda loss: engine.backward(loss, scale_wrt_gas=False))
+    return DistributedModels(engine, module, lora, callables, reference_engine, inversion_unet,
+                             [n for n, _ in trainable], lockstep, reference_unet)
+
+
+# ----------------------------------------------------------------------------------------------- state dicts
+def gathered_state_dict(models: DistributedModels, env: DistEnv, *, trainable_only: bool = False
+                        ) -> dict[str, torch.Tensor] | None:
+    """The policy's full state dict on rank 0 (None elsewhere; every rank must call). Trainable weights come from
+    the optimizer's fp32 master copy when DeepSpeed trains in bf16/fp16, so an export loses no precision."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    module = models.unet
+    low_precision = any(p.dtype != torch.float32 for p in module.parameters() if p.requires_grad)
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad or not trainable_only]
+    out: dict[str, torch.Tensor] = {}
+    if low_precision:
+        for name, p in named:
+            full = safe_get_full_fp32_param(p) if p.requires_grad else None
+            if full is None:  # frozen (no fp32 master): the module's own weights; the list exhausts the gather
+                full = [t.float().clone() for _, t in iter_gathered([(name, p)])][0]
+            if env.is_main:
+                out[name] = full.detach().float().cpu().clone()
+    else:
+        for name, full in iter_gathered(named):
+            if env.is_main:
+                out[name] = full.detach().cpu().clone()
+    if not trainable_only:
+        for name, b in module.named_buffers():
+            if env.is_main:
+                out[name] = b.detach().cpu().clone()
+    return out if env.is_main else None
+
+
+def export(config: Config, models: DistributedModels, components, out: Path, env: DistEnv) -> Path:
+    """A consolidated diffusers ``unet/`` (full) or LoRA safetensors, loadable by a stock pipeline."""
+    state = gathered_state_dict(models, env, trainable_only=models.lora)
+    if env.is_main:
+        tmp = out.with_name(out.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        if models.lora:
+            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+            from diffusers.utils import convert_state_dict_to_diffusers
+            from peft.utils import get_peft_model_state_dict
+
+            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet, state_dict=state))
+            pipe_cls = StableDiffusionXLPipeline if components.arch == "sdxl" else StableDiffusionPipeline
+            pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
+        else:
+            from diffusers import UNet2DConditionModel
+
+            unet = UNet2DConditionModel.from_config(models.unet.config)
+            unet.load_state_dict(state, strict=True)
+            unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    env.barrier()
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+def save_checkpoint(out_dir: Path, step: int, models: DistributedModels, env: DistEnv, state: dict,
+                    keep_last: int) -> Path:
+    """Every rank writes its shards into one temporary folder; after a barrier rank 0 writes ``state.json`` and
+    renames it into place (the atomic contract of :mod:`fastinpo.train.checkpoint`)."""
+    from fastinpo.train import checkpoint as ckpt
+
+    d = ckpt.checkpoint_dir(out_dir)
+    tmp = d / f".tmp-step-{step:08d}-ds"  # one name for all ranks (a pid would differ per rank)
+    if env.is_main:
+        d.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    env.barrier()
+    # LoRA: the frozen base weights come from model.path on resume; saving them would multiply the size by ~100
+    models.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=models.lora)
+    env.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    final = d / f"step-{step:08d}"
+    if env.is_main:
+        final = ckpt.commit_checkpoint(out_dir, tmp, step, state=state, keep_last=keep_last)
+    env.barrier()
+    return final
+
+
+def load_checkpoint(path: Path, models: DistributedModels, config: Config, env: DistEnv) -> dict:
+    saved = json.loads((path / "state.json").read_text())
+    if saved.get("backend", "none") != "deepspeed":
+        raise ValueError(f"checkpoint {path} was written by a one-process run (distributed.backend = 'none'); "
+                         "resume it with that backend")
+    if saved.get("world_size") != env.world_size:
+        raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} ranks, this run has "
+                         f"{env.world_size}: ZeRO shards resume exactly only on the same world size")
+    for key, want in (("method", config.method.name), ("lora", models.lora)):
+        if saved.get(key) != want:
+            raise ValueError(f"checkpoint {path} has {key} = {saved.get(key)!r}, this run {want!r}")
+    load_path, _ = models.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=not models.lora,
+                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
+    if load_path is None:
+        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
+    models.refresh_inversion_copy()
+    return saved
+
+
+# ----------------------------------------------------------------------------------------------- the loop
+def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
+    """:func:`fastinpo.train.loop.train` under DeepSpeed; same arguments, same outputs (rank 0 writes them)."""
+    from tqdm.auto import tqdm
+
+    from fastinpo.methods import build_method
+    from fastinpo.models import Encoder, load_components
+    from fastinpo.schedule import NoiseSchedule
+    from fastinpo.train import checkpoint as ckpt
+    from fastinpo.train.data_source import PairStream
+    from fastinpo.train.loop import MetricsLog, NonFiniteLossError, make_step_inputs
+
+    if config.train.sample_every:
+        raise ValueError("train.sample_every (validation grids) is not supported with distributed.backend = "
+                         "'deepspeed' yet: sample from the exported weights or a checkpoint instead")
+    env = init_distributed(config)
+    device = env.device
+    ds = fill_deepspeed_config(config, load_preset(config.distributed.deepspeed_config), env.world_size)
+    out_dir = Path(config.train.output_dir)
+    removed: list[Path] = []
+    if env.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_partial(out_dir)
+    env.barrier()  # no rank looks for checkpoints while rank 0 removes partial ones
+    resume_from = ckpt.resolve_resume(out_dir, resume)
+    if resume_from is None and resume is not None and resume != "latest":
+        raise FileNotFoundError(f"no checkpoint at {resume}")
+
+    use_cache = bool(config.data.cache_dir)
+    components = load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
+                                 dtype=DTYPES[config.model.encoder_dtype])
+    schedule = NoiseSchedule.from_config(components.scheduler_config)
+    method = build_method(config.method, schedule)
+    encoder = None if use_cache else Encoder(components, device)
+    stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
+                        rank=env.rank, world_size=env.world_size)
+    models = build_engine(config, components.unet, env, ds, schedule)
+    engine = models.engine
+    pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * env.world_size
+
+    state = {"nan_steps": 0, "consecutive_nan": 0}
+    start_step = 0
+    if resume_from is not None:
+        saved = load_checkpoint(resume_from, models, config, env)
+        start_step = int(saved["step"])
+        state.update({k: saved[k] for k in state})
+    if env.is_main:
+        save_config(config, out_dir / "config.yaml")
+        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2))
+
+    log = MetricsLog(out_dir, start_step, rank=env.rank, world_size=env.world_size)
+    consecutive = torch.tensor(float(state["consecutive_nan"]), device=device)
+    nan_total = torch.tensor(float(state["nan_steps"]), device=device)
+    batches = stream.batches(start_step * config.train.grad_accum)
+    last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
+    bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
+               disable=not (config.train.progress and env.is_main),
+               desc=f"{config.method.name} {'lora' if models.lora else 'full'} x{env.world_size}")
+    t_log = time.perf_counter()
+    steps_since_log = 0
+    step = start_step
+    scale = 1.0 / config.train.grad_accum
+
+    def save(step_now: int) -> Path:
+        return save_checkpoint(out_dir, step_now, models, env, {
+            "nan_steps": int(nan_total.item()), "consecutive_nan": int(consecutive.item()),
+            "method": config.method.name, "lora": models.lora, "backend": "deepspeed",
+            "world_size": env.world_size, "zero_stage": zero_stage(ds)}, config.train.keep_last)
+
+    try:
+        while step < last_step:
+            for _ in range(config.train.grad_accum):
+                batch = next(batches)
+                if models.lockstep is not None:
+                    models.lockstep.begin(batch.positions.tolist())
+                inputs = make_step_inputs(batch, stream.empty, config, device)
+                out = method(inputs, models.callables, loss_scale=scale)
+                if not out.backward_done:
+                    # the loop scales by 1/grad_accum itself (as the methods that back-propagate themselves do),
+                    # so DeepSpeed must not scale again
+                    engine.backward(out.loss * scale, scale_wrt_gas=False)
+                log.add(out.metrics)
+                engine.step()  # updates only at the accumulation boundary (the last micro-batch of the step)
+            norm = engine.get_global_grad_norm()
+            grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=device)
+            # DeepSpeed skipped the update iff the global gradient norm is not finite; a non-finite loss on any
+            # rank makes it so. It is the same on every rank, so are these counters: no collective needed.
+            bad = ~torch.isfinite(grad_norm)
+            consecutive = torch.where(bad, consecutive + 1, torch.zeros_like(consecutive))
+            nan_total = nan_total + bad.float()
+            models.refresh_inversion_copy()
+            log.add({"grad_norm": grad_norm.detach()})
+            step += 1
+            steps_since_log += 1
+            bar.update(1)
+
+            if step == start_step + 1 or step % config.train.log_every == 0 or step == last_step:
+                now = time.perf_counter()
+                row = log.flush(step, {
+                    "lr": engine.get_lr()[0],
+                    "pairs_per_s": steps_since_log * pairs_per_step / max(now - t_log, 1e-9),
+                    "nan_steps": float(nan_total.item()),
+                    "skipped_rows": float(sum(stream.skipped.values())),
+                })
+                t_log, steps_since_log = now, 0
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
+                if consecutive.item() >= config.train.max_nan_steps:
+                    path = save(step)
+                    raise NonFiniteLossError(
+                        f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
+                        f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
+                        f"checkpoint in {path}. Lower the learning rate or check the data.")
+            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
+                save(step)
+        final = save(step)
+    finally:
+        bar.close()
+        log.close()
+
+    summary = {"step": step, "checkpoint": str(final), "skipped_rows": stream.skipped,
+               "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream),
+               "world_size": env.world_size, "zero_stage": zero_stage(ds)}
+    if step >= config.train.max_steps:
+        summary["export"] = str(export(config, models, components, out_dir / "export", env))
+    if env.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
