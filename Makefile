@@ -13,10 +13,10 @@ $(STAMP): pyproject.toml setup.py scripts/install.sh
 
 install: $(STAMP)
 
-## The main job (until `fastinpo demo` lands): what runs here, then the API end to end on a tiny UNet.
+## The main job: a complete preference alignment on the CPU (InPO vs Diffusion-DPO vs SFT), report in runs/demo.
 demo: $(STAMP)
 	$(VENV)/bin/fastinpo env
-	$(VENV)/bin/fastinpo quickstart
+	$(VENV)/bin/fastinpo demo --out runs/demo
 
 ## Every CPU test: the core suite, the Triton kernels through the interpreter, the 2-process DeepSpeed tier.
 test: test-core test-triton test-distributed

@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``make-tiny-data``, ``cache``, ``train``, ``sample`` and ``eval``.
+``make-tiny-data``, ``cache``, ``train``, ``sample``, ``eval`` and ``demo``.
 """
 
 from __future__ import annotations
@@ -131,10 +131,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny_data)
 
-    from fastinpo import evaluate, sampling
+    from fastinpo import demo, evaluate, sampling
 
     sampling.add_cli(sub)  # fastinpo sample
     evaluate.add_cli(sub)  # fastinpo eval
+    demo.add_cli(sub)  # fastinpo demo
     return parser
 
 
