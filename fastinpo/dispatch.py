@@ -4,8 +4,9 @@ Order of precedence (house rule 2):
 
 1. the ``backend=`` argument of the public function, if given;
 2. the ``FASTINPO_BACKEND`` environment variable, if set (``auto`` means "not set");
-3. automatic: CUDA tensors with Triton importable -> ``"triton"`` (when the op has a Triton implementation),
-   otherwise ``"reference"``.
+3. automatic: the first of ``triton``, ``ext``, ``reference`` that implements the op and can run on the
+   tensors — Triton on CUDA tensors when it is installed, the compiled extension where it is built (CPU, and
+   CUDA when built with CUDA), otherwise the reference.
 
 A backend asked for by name (1 or 2) that is unknown, not implemented for the op, or cannot run on the given
 tensors raises ``ValueError`` naming what is available. The automatic choice only ever picks a backend that
@@ -160,3 +161,13 @@ def _load_triton_backend() -> None:
 
 
 register_lazy_loader(_load_triton_backend)
+
+
+def _load_extension_backend() -> None:
+    """Register the C++/CUDA extension's implementations. ``fastinpo.extension`` imports the compiled
+    ``fastinpo._C`` only when asked whether it can run, and registers even when it is not built, so that
+    ``backend="ext"`` says why it cannot run instead of "not implemented"."""
+    importlib.import_module("fastinpo.extension").register()
+
+
+register_lazy_loader(_load_extension_backend)

@@ -101,10 +101,11 @@ def test_micro_batching_does_not_change_the_training(tiny_pipelines, pickapic_di
     (m1, w1), (m2, w2) = runs["one"], runs["two"]
     for a, b in zip(m1, m2, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
-    # Adam divides by sqrt(v): for a weight whose gradient is near 0, float32 noise in the gradient becomes an
-    # update difference of up to a fraction of lr (1e-4 here) — so the weights are compared at 0.1 lr
+    # Adam divides by sqrt(v): for a weight whose gradient is near 0, float32 noise in the gradient (the UNet
+    # runs on batches of 8 vs 4 samples) becomes an update difference of up to a fraction of lr (1e-4 here) —
+    # so the weights are compared at 0.3 lr (seen: up to 0.12 lr)
     for k in w1:
-        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(w1[k], w2[k], rtol=1e-5, atol=3e-5)
 
 
 def test_validation_grids_are_written(tiny_pipelines, pickapic_dir, tmp_path):
