@@ -487,9 +487,18 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seeds: int = 1, progre
     """Run the demo into ``out_dir``; returns the report (also written to ``out_dir/report.json``).
 
     ``threads`` sets torch's CPU threads (default: torch's choice). The models are so small that on a shared
-    machine one thread is often faster than several fighting for busy cores."""
+    machine one thread is often faster than several fighting for busy cores. The caller's setting is restored
+    afterwards (the thread count changes float summation order, so it must not leak into later work)."""
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(int(threads))
+    try:
+        return _run_demo(out_dir, quick=quick, seeds=seeds, progress=progress)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool) -> dict[str, Any]:
     torch.manual_seed(0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -285,6 +285,8 @@ KILLER = textwrap.dedent("""
         return real_save(obj, path, *a, **k)
 
     ckpt.torch.save = dying_save
+    # the parent's thread count: it sets float summation order, and the parent finishes this run
+    ckpt.torch.set_num_threads(int(os.environ["FASTINPO_TEST_THREADS"]))
     train(load_config(sys.argv[1], sys.argv[2:]))
 """)
 
@@ -297,7 +299,8 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tiny_pipelines, p
     cfg = tmp_path / "empty.yaml"
     cfg.write_text("{}\n")
     proc = subprocess.run([sys.executable, "-c", KILLER, str(cfg), *over], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd()})
+                          timeout=600, env={**os.environ, "PYTHONPATH": os.getcwd(),
+                                            "FASTINPO_TEST_THREADS": str(torch.get_num_threads())})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert [s for s, _ in ckpt.list_checkpoints(out)] == [1]  # the half-written step 2 is not a checkpoint
     assert list((out / "checkpoints").glob(".tmp-*"))  # ... its leftovers are there
