@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``make-tiny-data``, ``cache``, ``train``, ``sample``, ``eval`` and ``demo``.
+``make-tiny-data``, ``cache``, ``train``, ``sample``, ``eval``, ``demo`` and ``bench``.
 """
 
 from __future__ import annotations
@@ -90,6 +90,22 @@ def _cmd_make_tiny_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(argv: list[str]) -> int:
+    """Run benchmarks/bench_train_step.py (it lives in the source tree, beside the package, not inside it)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_train_step.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} not found: `fastinpo bench` runs from a source checkout "
+                                "(pip install -e .)")
+    spec = importlib.util.spec_from_file_location("fastinpo_bench_train_step", script)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up there
+    spec.loader.exec_module(module)
+    return module.main(argv)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastinpo", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -136,10 +152,19 @@ def build_parser() -> argparse.ArgumentParser:
     sampling.add_cli(sub)  # fastinpo sample
     evaluate.add_cli(sub)  # fastinpo eval
     demo.add_cli(sub)  # fastinpo demo
+
+    # the benchmark script parses its own options (`fastinpo bench --help` shows them)
+    p = sub.add_parser("bench", add_help=False, help="training-step throughput: fastinpo vs the public-script "
+                       "reference (benchmarks/bench_train_step.py)")
+    p.add_argument("args", nargs=argparse.REMAINDER)
+    p.set_defaults(func=lambda args: _run_bench(args.args))
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # all options belong to the benchmark script's own parser
+        return _run_bench(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
