@@ -164,7 +164,7 @@ def test_several_files_and_row_groups_index_rows_globally(tmp_path):
 
 
 def test_save_to_disk_folder_reads_like_parquet(tmp_path, rows):
-    datasets = pytest.importorskip("datasets")
+    import datasets  # a core dependency: a missing install must fail, not skip
     rows = labelled(rows, [1, 0, 0.5, 1, 0, 1])
     parquet = PickAPicDataset(write(tmp_path, rows), R)
     cols = {k: [r[k] for r in rows] for k in ("caption", "jpg_0", "jpg_1", "label_0", "label_1")}
