@@ -473,7 +473,7 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
     from fastinpo.schedule import NoiseSchedule
     from fastinpo.train import checkpoint as ckpt
     from fastinpo.train.data_source import PairStream
-    from fastinpo.train.loop import MetricsLog, NonFiniteLossError, make_step_inputs
+    from fastinpo.train.loop import MetricsLog, make_step_inputs, report_step
 
     if config.train.sample_every:
         raise ValueError("train.sample_every (validation grids) is not supported with distributed.backend = "
@@ -560,21 +560,10 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
             bar.update(1)
 
             if step == start_step + 1 or step % config.train.log_every == 0 or step == last_step:
-                now = time.perf_counter()
-                row = log.flush(step, {
-                    "lr": engine.get_lr()[0],
-                    "pairs_per_s": steps_since_log * pairs_per_step / max(now - t_log, 1e-9),
-                    "nan_steps": float(nan_total.item()),
-                    "skipped_rows": float(sum(stream.skipped.values())),
-                })
-                t_log, steps_since_log = now, 0
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
-                if consecutive.item() >= config.train.max_nan_steps:
-                    path = save(step)
-                    raise NonFiniteLossError(
-                        f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
-                        f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
-                        f"checkpoint in {path}. Lower the learning rate or check the data.")
+                t_log = report_step(log, bar, config, step, lr=engine.get_lr()[0],
+                                    pairs=steps_since_log * pairs_per_step, t_log=t_log, nan_total=nan_total,
+                                    consecutive=consecutive, skipped_rows=sum(stream.skipped.values()), save=save)
+                steps_since_log = 0
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
                 save(step)
         final = save(step)

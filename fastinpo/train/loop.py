@@ -117,6 +117,23 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
+def report_step(log: MetricsLog, bar, config: Config, step: int, *, lr: float, pairs: int, t_log: float,
+                nan_total: torch.Tensor, consecutive: torch.Tensor, skipped_rows: int, save) -> float:
+    """A logging step (the only host reads of the loop): flush the metrics, update the bar, and stop the run —
+    with a checkpoint — after ``train.max_nan_steps`` consecutive non-finite steps. Returns the new ``t_log``."""
+    now = time.perf_counter()
+    row = log.flush(step, {"lr": lr, "pairs_per_s": pairs / max(now - t_log, 1e-9),
+                           "nan_steps": float(nan_total.item()), "skipped_rows": float(skipped_rows)})
+    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
+    if consecutive.item() >= config.train.max_nan_steps:
+        path = save(step)
+        raise NonFiniteLossError(
+            f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
+            f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
+            f"checkpoint in {path}. Lower the learning rate or check the data.")
+    return now
+
+
 def train(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
     """Run (or resume) a training run; returns a summary. ``stop_after`` ends the run after that many optimizer
     steps of this invocation (with a checkpoint), as an interruption would."""
@@ -216,21 +233,10 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
             bar.update(1)
 
             if step == start_step + 1 or step % config.train.log_every == 0 or step == last_step:
-                now = time.perf_counter()
-                row = log.flush(step, {
-                    "lr": lr_scheduler.get_last_lr()[0],
-                    "pairs_per_s": steps_since_log * pairs_per_step / max(now - t_log, 1e-9),
-                    "nan_steps": float(nan_total.item()),
-                    "skipped_rows": float(sum(stream.skipped.values())),
-                })
-                t_log, steps_since_log = now, 0
-                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
-                if consecutive.item() >= config.train.max_nan_steps:
-                    path = save(step)
-                    raise NonFiniteLossError(
-                        f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
-                        f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
-                        f"checkpoint in {path}. Lower the learning rate or check the data.")
+                t_log = report_step(log, bar, config, step, lr=lr_scheduler.get_last_lr()[0],
+                                    pairs=steps_since_log * pairs_per_step, t_log=t_log, nan_total=nan_total,
+                                    consecutive=consecutive, skipped_rows=sum(stream.skipped.values()), save=save)
+                steps_since_log = 0
             if config.train.sample_every and step % config.train.sample_every == 0:
                 grids(step, models.unet)
             if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
