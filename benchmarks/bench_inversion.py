@@ -32,10 +32,7 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
-import re
 import shlex
-import subprocess
 import sys
 import time
 
@@ -46,6 +43,10 @@ from fastinpo.schedule import NoiseSchedule, inpo_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
+    sys.path.insert(0, REPO)
+
+from benchmarks.common import device_name, device_slug, git_commit, loadavg  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "commit", "command", "op", "B", "shape", "dtype", "provider", "status",
@@ -55,28 +56,6 @@ COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def device_slug(dev: torch.device) -> str:
-    if dev.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(dev).lower()
-    m = re.search(r"(h100|h200|a100|b200|l40s?|a10g?|rtx ?\d+)", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name)).replace(" ", "")
-
-
 class Timer:
     """One call's time: CUDA events on a GPU (no host sync inside the timed region), perf_counter on CPU."""
 
@@ -115,14 +94,6 @@ def copy_bandwidth(dev: torch.device, timer: Timer, repeats: int, nbytes: int) -
         dst.copy_(src)
     times = [timer(lambda: dst.copy_(src)) for _ in range(repeats)]
     return 2 * nbytes / stats(times)["median_ms"] / 1e6
-
-
-def loadavg() -> str:
-    """The 1-minute load average (CPU rows on a shared machine are only as good as the machine was idle)."""
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return ""
 
 
 def fmt(v) -> str:

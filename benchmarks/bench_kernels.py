@@ -32,9 +32,7 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 
@@ -46,6 +44,11 @@ from fastinpo.schedule import NoiseSchedule, gather_alphas
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
+if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
+    sys.path.insert(0, REPO)
+
+from benchmarks.common import device_name as _device_name  # noqa: E402
+from benchmarks.common import git_commit  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "triton", "commit", "command", "op", "mode", "model", "B", "shape", "dtype",
@@ -55,14 +58,6 @@ COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:
-        return "unknown"
-
-
 def triton_version() -> str:
     try:
         import importlib.metadata as md
@@ -73,11 +68,9 @@ def triton_version() -> str:
 
 
 def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    cpu = platform.processor() or platform.machine()
-    return f"cpu ({cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
-
+    """The shared device name; on CPU also torch's thread count, which these kernel timings depend on."""
+    name = _device_name(dev)
+    return name if dev.type == "cuda" else f"{name}, {torch.get_num_threads()} torch threads"
 
 def sync(dev):
     if dev.type == "cuda":

@@ -50,10 +50,8 @@ import datetime as _dt
 import gc
 import glob
 import os
-import platform
 import re
 import shlex
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,8 +62,10 @@ import torch
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
-if REPO not in sys.path:  # run as a script: `benchmarks.reference` resolves from the repository root
+if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
     sys.path.insert(0, REPO)
+
+from benchmarks.common import device_name, device_slug, git_commit, loadavg  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "diffusers", "commit", "command", "model", "method", "mode", "pairs", "steps_N",
@@ -84,35 +84,6 @@ WORDS = ("a red fox in the snow", "two castles at dusk", "portrait of an old sai
 
 
 # ----------------------------------------------------------------------------------------------- environment
-def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except Exception:  # noqa: BLE001 - a tarball without git still benchmarks
-        return "unknown"
-
-
-def device_name(dev: torch.device) -> str:
-    if dev.type == "cuda":
-        return torch.cuda.get_device_name(dev)
-    return f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
-
-
-def device_slug(dev: torch.device) -> str:
-    if dev.type != "cuda":
-        return "cpu"
-    name = torch.cuda.get_device_name(dev).lower()
-    m = re.search(r"(h100|h200|a100|b200|l40s?|a10g?|rtx ?\d+)", name)
-    return (m.group(1) if m else re.sub(r"[^a-z0-9]+", "-", name)).replace(" ", "")
-
-
-def loadavg() -> str:
-    try:
-        return f"{os.getloadavg()[0]:.2f}"
-    except OSError:
-        return ""
-
-
 def synchronized_timer() -> float:
     """``perf_counter`` after the GPU has finished its queued work: the pytest-benchmark timer of this suite
     (a plain host timer would stop while CUDA kernels are still running)."""
