@@ -122,8 +122,14 @@ class Method:
 
     name = "base"
     needs_reference = True
+    #: the SPEC section of a method whose math is written for epsilon prediction (its inversion and target), or
+    #: ``None`` for a method that also trains v-prediction models
+    epsilon_only: str | None = None
 
     def __init__(self, config, schedule: NoiseSchedule):
+        if self.epsilon_only and schedule.prediction_type != "epsilon":
+            raise ValueError(f"{self.name} needs an epsilon-prediction model ({self.epsilon_only}); this one "
+                             f"predicts {schedule.prediction_type}")
         self.config = config
         self.schedule = schedule
 

@@ -12,12 +12,7 @@ from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_
 
 class InPO(Method):
     name = "inpo"
-
-    def __init__(self, config, schedule):
-        super().__init__(config, schedule)
-        if schedule.prediction_type != "epsilon":
-            raise ValueError("DDIM-InPO needs an epsilon-prediction model (SPEC §3); this one predicts "
-                             f"{schedule.prediction_type}")
+    epsilon_only = "SPEC §3"
 
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
         t_host = self.sample_timesteps(inputs)  # on the host: inpo_invert plans its batch sizes without a sync

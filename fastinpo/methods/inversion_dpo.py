@@ -19,12 +19,7 @@ from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_
 
 class InversionDPO(Method):
     name = "inversion-dpo"
-
-    def __init__(self, config, schedule):
-        super().__init__(config, schedule)
-        if schedule.prediction_type != "epsilon":
-            raise ValueError("Inversion-DPO needs an epsilon-prediction model (SPEC §4); this one predicts "
-                             f"{schedule.prediction_type}")
+    epsilon_only = "SPEC §4"
 
     def _policy_eps(self, models: Models, traj, i: int, cond, uncond) -> torch.Tensor:
         return guided_eps(models.policy, traj.latents[i], int(traj.grid.timesteps[i]), cond, uncond,
