@@ -72,6 +72,9 @@ class MethodConfig:
     guidance_scale: float = _f(2.0, "Inversion-DPO: classifier-free guidance of both models")
     flip_sign: bool = _f(False, "Inversion-DPO: the released code's sign of the logits instead of the paper's")
     memory_light: bool = _f(True, "Inversion-DPO: exact two-pass gradient with activation memory independent of N")
+    grad_steps_per_call: int = _f(1, "Inversion-DPO: trajectory steps per policy UNet call with grad (memory grows with it, not with N)")
+    nograd_steps_per_call: int = _f(8, "Inversion-DPO: trajectory steps per policy UNet call in the no-grad pass of the two-pass gradient")
+    trajectory_cache_dir: str | None = _f(None, "Inversion-DPO: folder caching each pair's reference trajectory ε (needs fixed inputs: no caption dropout, posterior mean, no random crop/flip)")
     symmetry_breaking: Literal["none", "lora-init", "reference-dtype"] = _f(
         "none", "Inversion-DPO: how the policy leaves θ = θ_ref (SPEC §4); 'none' refuses a run that cannot move")
     loss_backend: str | None = _f(None, "backend of the loss and inversion ops (default: the dispatcher's choice)")
@@ -154,7 +157,8 @@ class Config:
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
-                    "method.inversion_levels", "method.num_steps"):
+                    "method.inversion_levels", "method.num_steps", "method.grad_steps_per_call",
+                    "method.nograd_steps_per_call"):
             section, name = key.split(".")
             if getattr(getattr(self, section), name) < 1:
                 problems.append(f"{key} must be >= 1")
@@ -174,6 +178,10 @@ class Config:
         if dist.inversion_copy != "none" and self.method.name != "inpo":
             problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
                             f"{self.method.name!r}")
+        if self.method.trajectory_cache_dir:
+            from fastinpo.trajectory_cache import cache_validity_problems
+
+            problems += cache_validity_problems(self)
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self

@@ -101,6 +101,20 @@ def concat_cond(first: Any, second: Any) -> Any:
     raise TypeError(f"cond structures differ: {type(first).__name__} vs {type(second).__name__}")
 
 
+def tile_cond(cond: Any, k: int) -> Any:
+    """``cond`` repeated ``k`` times along dim 0 (``[cond; cond; ...]``): the conditioning of a call that stacks
+    ``k`` blocks of the same samples, e.g. several Inversion-DPO steps in one UNet call."""
+    if k == 1 or cond is None:
+        return cond
+    if isinstance(cond, torch.Tensor):
+        return cond.repeat(k, *([1] * (cond.dim() - 1)))
+    if isinstance(cond, dict):
+        return {key: tile_cond(v, k) for key, v in cond.items()}
+    if isinstance(cond, (list, tuple)):
+        return type(cond)(tile_cond(v, k) for v in cond)
+    raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
+
+
 def zero_uncond(cond: Any, keep: Sequence[str] = ("time_ids",)) -> Any:
     """The Inversion-DPO unconditional branch (SPEC §4): every tensor of ``cond`` zeroed, except dict entries
     named in ``keep`` (SDXL's ``time_ids`` stay those of the conditional branch)."""
@@ -115,8 +129,13 @@ def zero_uncond(cond: Any, keep: Sequence[str] = ("time_ids",)) -> Any:
     raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
 
 
-def _call_model(model: Model, x: torch.Tensor, level: int, cond: Any, model_dtype, out_dtype) -> torch.Tensor:
-    t = torch.full((x.shape[0],), level, dtype=torch.int64, device=x.device)
+def _call_model(model: Model, x: torch.Tensor, level: int | torch.Tensor, cond: Any, model_dtype,
+                out_dtype) -> torch.Tensor:
+    """One model call; ``level`` is one timestep for every sample or an ``(n,)`` int64 tensor of per-sample ones."""
+    if isinstance(level, torch.Tensor):
+        t = level.to(device=x.device, dtype=torch.int64)
+    else:
+        t = torch.full((x.shape[0],), level, dtype=torch.int64, device=x.device)
     eps = model(x if model_dtype is None else x.to(model_dtype), t, cond)
     if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
         got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
@@ -127,7 +146,7 @@ def _call_model(model: Model, x: torch.Tensor, level: int, cond: Any, model_dtyp
 def guided_eps(
     model: Model,
     x: torch.Tensor,
-    level: int,
+    level: int | torch.Tensor,
     cond: Any,
     uncond: Any,
     guidance_scale: float,
@@ -136,12 +155,15 @@ def guided_eps(
 ) -> torch.Tensor:
     """``ε^cfg = ε(x, t, ∅) + g * (ε(x, t, c) - ε(x, t, ∅))`` with one model call on ``[x; x]``, float32 result.
 
-    ``guidance_scale == 1`` makes a single conditional call (the same value, half the work).
+    ``level`` is one timestep, or an ``(n,)`` tensor of per-sample timesteps. ``guidance_scale == 1`` makes a
+    single conditional call (the same value, half the work).
     """
     out_dtype = reference.accumulation_dtype(x.dtype)
     if guidance_scale == 1.0:
         return _call_model(model, x, level, cond, model_dtype, out_dtype)
-    both = _call_model(model, torch.cat([x, x], 0), level, concat_cond(uncond, cond), model_dtype, out_dtype)
+    both_levels = torch.cat([level, level]) if isinstance(level, torch.Tensor) else level
+    both = _call_model(model, torch.cat([x, x], 0), both_levels, concat_cond(uncond, cond), model_dtype,
+                       out_dtype)
     eps_u, eps_c = both.chunk(2, 0)
     return reference.cfg_combine(eps_u, eps_c, guidance_scale)
 
@@ -331,10 +353,8 @@ def inversion_dpo_trajectory(
     grid = inversion_dpo_grid(schedule, num_steps)
     if uncond is None:
         uncond = zero_uncond(cond)
-    _, step_fn = dispatch.resolve("ddim_inversion_step", backend, (z0,))
-    acc = reference.accumulation_dtype(z0.dtype)
-    n = z0.shape[0]
-    x = z0.detach().to(acc)
+    advance = _trajectory_stepper(z0, schedule, grid, backend)
+    x = z0.detach().to(reference.accumulation_dtype(z0.dtype))
     latents, eps_all = [], []
     with torch.no_grad():
         for i in range(grid.num_steps):
@@ -342,10 +362,56 @@ def inversion_dpo_trajectory(
             eps = guided_eps(ref_model, x, level, cond, uncond, float(guidance_scale), model_dtype=model_dtype)
             latents.append(x)
             eps_all.append(eps)
-            if i + 1 < grid.num_steps:
-                src = int(grid.source_levels[i])
-                a_from = torch.full((n,), schedule.alpha_init if src < 0 else float(schedule.alphas_cumprod[src]),
-                                    dtype=acc, device=z0.device)
-                a_to = torch.full_like(a_from, float(schedule.alphas_cumprod[level]))
-                x = step_fn(x, eps, a_from, a_to)
+            x = advance(x, eps, i)
     return InversionDPOTrajectory(torch.stack(latents), torch.stack(eps_all), grid)
+
+
+def _trajectory_stepper(z0: torch.Tensor, schedule: NoiseSchedule, grid: InversionDPOGrid, backend: str | None):
+    """``advance(x, eps, i) -> x^(i+1)``: the DDIM step of Inversion-DPO step ``i`` (SPEC §4), one definition for
+    the trajectory and its replay from cached ε."""
+    _, step_fn = dispatch.resolve("ddim_inversion_step", backend, (z0,))
+    acc = reference.accumulation_dtype(z0.dtype)
+    n = z0.shape[0]
+
+    def advance(x: torch.Tensor, eps: torch.Tensor, i: int) -> torch.Tensor:
+        if i + 1 >= grid.num_steps:  # x^(N) is never used
+            return x
+        src = int(grid.source_levels[i])
+        a_from = torch.full((n,), schedule.alpha_init if src < 0 else float(schedule.alphas_cumprod[src]),
+                            dtype=acc, device=z0.device)
+        a_to = torch.full_like(a_from, float(schedule.alphas_cumprod[int(grid.timesteps[i])]))
+        return step_fn(x, eps, a_from, a_to)
+
+    return advance
+
+
+def replay_inversion_dpo_trajectory(
+    z0: torch.Tensor,
+    ref_eps: torch.Tensor,
+    schedule: NoiseSchedule,
+    *,
+    num_steps: int,
+    backend: str | None = None,
+) -> InversionDPOTrajectory:
+    """The trajectory of :func:`inversion_dpo_trajectory` rebuilt from its ε (e.g. read from the on-disk cache of
+    :mod:`fastinpo.trajectory_cache`) with N elementwise steps and no model call: ``x^(0) = z0``,
+    ``x^(i+1) = step(x^(i), ref_eps[i], ...)``. Same steps, same backend, so the same latents.
+
+    Args:
+        z0: ``(2B, ...)`` clean latents.
+        ref_eps: ``(N, 2B, ...)`` the reference's guided ε along the trajectory.
+    """
+    checks.tensor("z0", z0)
+    grid = inversion_dpo_grid(schedule, num_steps)
+    if ref_eps.shape != (grid.num_steps, *z0.shape):
+        raise ValueError(f"ref_eps must be (N, *z0.shape) = {(grid.num_steps, *z0.shape)}, got {tuple(ref_eps.shape)}")
+    advance = _trajectory_stepper(z0, schedule, grid, backend)
+    acc = reference.accumulation_dtype(z0.dtype)
+    x = z0.detach().to(acc)
+    ref_eps = ref_eps.to(device=z0.device, dtype=acc)
+    latents = []
+    with torch.no_grad():
+        for i in range(grid.num_steps):
+            latents.append(x)
+            x = advance(x, ref_eps[i], i)
+    return InversionDPOTrajectory(torch.stack(latents), ref_eps, grid)

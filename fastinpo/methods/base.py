@@ -67,11 +67,14 @@ class StepInputs:
         z0: ``(2B, C, h, w)`` float32 clean latents (a fresh posterior sample), winners first.
         cond: UNet conditioning pytree with ``2B`` rows (caption dropout already applied per pair).
         rng: the micro-batch's per-pair random streams.
+        rows: ``(B,)`` int64 source-row indices of the pairs (host), the key of per-pair caches; None when the
+            inputs do not come from a dataset.
     """
 
     z0: torch.Tensor
     cond: Any
     rng: PairRandomness
+    rows: torch.Tensor | None = None
 
     @property
     def num_pairs(self) -> int:

@@ -96,6 +96,7 @@ class PairStream:
                                       + "\n  ".join(reasons) + "\nre-run `fastinpo cache` with this config")
             self.dataset = CachedPairDataset(d.cache_dir, expect=expect)
             self.cached = True
+            self.data_signature = {**expect, "encoded_by": "cache"}
             prompt, pooled = self.dataset.empty_caption()
             self.empty = EmptyCaption(prompt.to(device), None if pooled is None else pooled.to(device))
         else:
@@ -104,6 +105,10 @@ class PairStream:
             if encoder is None:
                 raise ValueError("on-the-fly encoding needs the VAE and text encoders (no cache configured)")
             self.dataset = raw
+            # what an encoded pair depends on (the same fields a cache records; per-pair caches key on it)
+            self.data_signature = {**expected_cache_signature(raw, encoder_signature(model_folder),
+                                                              config.model.encoder_dtype),
+                                   "encoded_by": "encoder"}
             prompt, pooled = encoder.encode_text([""])
             self.empty = EmptyCaption(prompt[0].to(device), None if pooled is None else pooled[0].to(device))
 

@@ -55,7 +55,7 @@ def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.d
     if pooled is not None:
         cond["text_embeds"] = pooled.repeat(2, 1)
         cond["time_ids"] = batch.time_ids
-    return StepInputs(z0.float(), cond, rng)
+    return StepInputs(z0.float(), cond, rng, batch.rows)
 
 
 class MetricsLog:
@@ -160,6 +160,10 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     encoder = None if use_cache else Encoder(components, device)
     stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder)
     models = build_models(config, components.unet, device)
+    if config.method.trajectory_cache_dir:
+        from fastinpo.trajectory_cache import open_for_run
+
+        method.trajectory_cache = open_for_run(config, stream, models, schedule, device)
     pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum
     optimizer = build_optimizer(config, models.trainable, device, pairs_per_step)
     lr_scheduler = build_lr_scheduler(config, optimizer)
@@ -248,6 +252,8 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
 
     summary = {"step": step, "checkpoint": str(final), "skipped_rows": stream.skipped,
                "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream)}
+    if getattr(method, "trajectory_cache", None) is not None:
+        summary["trajectory_cache"] = method.trajectory_cache.stats()
     if step >= config.train.max_steps:
         summary["export"] = str(export(config, models, components, out_dir / "export"))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
