@@ -15,8 +15,13 @@ Cases of a group (method × full/LoRA):
     ``split-calls`` (winners and losers — and CFG halves — in separate UNet calls), ``whole-batch-inversion``
     (InPO: every inversion call padded to all 2B samples: prefix batching off), ``all-in-graph`` (Inversion-DPO:
     memory-light two-pass gradient off), and ``eager-step`` (the eager DDIM step instead of the fused one the
-    dispatcher picks: the extension on CPU where it is built, Triton on CUDA); fused Triton losses run on CUDA
-    only (a CPU row says so); optimizations of the issue that fastinpo lacks get a ``not-implemented`` row;
+    dispatcher picks: the extension on CPU where it is built, Triton on CUDA), ``nograd-steps-1`` (Inversion-DPO:
+    one policy call per trajectory step in the no-grad pass); fused Triton losses run on CUDA only (a CPU row
+    says so); optimizations of the issue that fastinpo lacks get a ``not-implemented`` row;
+  - one row per option fastinpo has but does not use by default ("on"): ``bf16-inversion-copy`` (InPO,
+    ``method.inversion_copy``), ``grad-steps-4`` (Inversion-DPO, ``method.grad_steps_per_call = 4``),
+    ``trajectory-cache`` (Inversion-DPO, ``method.trajectory_cache_dir``, warm) and the cache with 4 grad steps
+    per call;
   - ``reference+compile`` with ``--compile``: the reference with its UNets under ``torch.compile``.
 
 On CPU the cases of a group run interleaved (each repeat runs every case once, in rotating order) so that a burst of
@@ -42,6 +47,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import copy
 import csv
@@ -52,6 +58,7 @@ import glob
 import os
 import re
 import shlex
+import shutil
 import sys
 import tempfile
 import time
@@ -277,7 +284,8 @@ def make_data(encoder, pairs: int, resolution: int, device: torch.device, n_batc
         captions = [WORDS[(i * pairs + j) % len(WORDS)] for j in range(pairs)]
         r = float(resolution)
         time_ids = torch.tensor([[r, r, 0.0, 0.0, r, r]]).repeat(2 * pairs, 1)
-        rb = RawBatch(pixels.to(device), captions, time_ids.to(device), torch.arange(pairs))
+        rows = torch.arange(i * pairs, (i + 1) * pairs)  # distinct source rows: per-pair caches key on them
+        rb = RawBatch(pixels.to(device), captions, time_ids.to(device), rows)
         raw.append(rb)
         e = encoder.encode_batch(rb, use_std=True)
         encoded.append(e.to(device))
@@ -348,6 +356,7 @@ class Case:
     state: str = ""
     step: Any = None  # step(r) -> None
     note: str = ""
+    prepare: Any = None  # prepare() -> None, untimed, before the case's warm-up (e.g. fill a cache)
     status: str = "ok"
     times: list = field(default_factory=list)
     peak_mb: float | None = None
@@ -442,12 +451,15 @@ class Group:
             torch.cuda.empty_cache()
 
     # ------------------------------------------------------------------------------------------- steps
-    def fastinpo_step(self, *, encoders: bool = False, method=None, wrap=None, ext: bool | None = None):
+    def fastinpo_step(self, *, encoders: bool = False, method=None, wrap=None, ext: bool | None = None,
+                      models=None, config=None):
         from fastinpo.methods.base import Models
         from fastinpo.train.loop import make_step_inputs
 
         method = method or self.fast_method
-        callables = self.models.callables
+        models = models or self.models
+        config = config or self.config
+        callables = models.callables
         if wrap is not None:
             callables = Models(wrap(callables.policy), wrap(callables.reference))
         max_norm = self.config.optim.max_grad_norm
@@ -462,13 +474,14 @@ class Group:
             else:
                 batch = self.data.encoded_at(r)
             with ddim_step_backend(ext):
-                inputs = make_step_inputs(batch, self.empty, self.config, self.dev)
+                inputs = make_step_inputs(batch, self.empty, config, self.dev)
                 out = method(inputs, callables, loss_scale=1.0)
                 if not out.backward_done:
                     out.loss.backward()
             torch.nn.utils.clip_grad_norm_(self.models.trainable, max_norm)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            models.refresh_inversion_copy()
 
         return step
 
@@ -524,9 +537,20 @@ class Group:
             if B == 1:  # one pair is always the whole batch: the two would run the same code
                 c.status, c.step, c.note = "n/a", None, "B = 1: one pair is always the whole batch"
             cases.append(c)
+        if self.method == "inpo":
+            cases.append(self._inversion_copy_case())
         if self.method == "inversion-dpo":
             cases.append(Case("all-in-graph", "fastinpo", "Inversion-DPO memory-light two-pass gradient", "off",
                               self.fastinpo_step(method=self.light_off), "all N policy evaluations in one graph"))
+            cases.append(Case("nograd-steps-1", "fastinpo", "several trajectory steps per no-grad policy call", "off",
+                              self.fastinpo_step(method=self._method_with(nograd_steps_per_call=1)),
+                              "one policy call per trajectory step in the no-grad pass (default "
+                              f"{self.config.method.nograd_steps_per_call} per call)"))
+            cases.append(Case("grad-steps-4", "fastinpo", "4 trajectory steps per policy call with grad", "on",
+                              self.fastinpo_step(method=self._method_with(grad_steps_per_call=4)),
+                              "activation memory of 4 steps instead of 1 (still flat in N)"))
+            cases.append(self._trajectory_cache_case())
+            cases.append(self._trajectory_cache_case(grad_steps_per_call=4))
         if self.method in ("inpo", "inversion-dpo"):
             from fastinpo import dispatch
 
@@ -540,9 +564,7 @@ class Group:
                 c.note = f"the trainer's step already uses the {chosen!r} backend" + (f" ({reason})" if reason else "")
             cases.append(c)
         # optimizations of the issue that fastinpo does not implement yet: listed, so that none is silently missing
-        missing = {"inpo": [("bf16-inversion-copy", "InPO inversion in bf16 from a bf16 weight copy made once per "
-                             "optimizer step"), ("cuda-graphs", "CUDA graphs for the InPO inversion")],
-                   "inversion-dpo": [("trajectory-cache", "Inversion-DPO reference trajectory and ε cached on disk")]}
+        missing = {"inpo": [("cuda-graphs", "CUDA graphs for the InPO inversion")]}
         for name, what in missing.get(self.method, []):
             cases.append(Case(name, "fastinpo", what, "n/a", None, "not implemented in fastinpo yet",
                               status="not-implemented"))
@@ -554,6 +576,65 @@ class Group:
                               "not applicable on CPU: the Triton kernels run on CUDA (CPU only through the "
                               "interpreter, for tests)", status="n/a"))
         return cases
+
+    def _method_with(self, **changes):
+        import dataclasses
+
+        from fastinpo.methods import build_method
+
+        return build_method(dataclasses.replace(self.config.method, **changes), self.schedule)
+
+    def _inversion_copy_case(self) -> Case:
+        """InPO inverting with a bf16 copy of the policy, refreshed after every optimizer step (as the trainer
+        does with method.inversion_copy = "bfloat16")."""
+        import dataclasses
+
+        from fastinpo.methods.base import Models
+        from fastinpo.train.models import make_inversion_copy
+
+        case = Case("bf16-inversion-copy", "fastinpo", "InPO inversion in bf16 from a bf16 weight copy made once "
+                    "per optimizer step", "on", note="method.inversion_copy = bfloat16 (inversion state float32)")
+
+        def prepare():
+            inversion_unet, inversion = make_inversion_copy(self.models.unet, torch.bfloat16)
+            c = self.models.callables
+            models = dataclasses.replace(self.models, inversion_unet=inversion_unet,
+                                         callables=Models(c.policy, c.reference, inversion=inversion))
+            self.unets.append(inversion_unet)  # its calls are counted too
+            case.step = self.fastinpo_step(models=models)
+
+        case.prepare, case.step = prepare, lambda r: None
+        return case
+
+    def _trajectory_cache_case(self, grad_steps_per_call: int | None = None) -> Case:
+        """Inversion-DPO reading each pair's reference trajectory ε from an on-disk cache (filled untimed first:
+        the steady state of every epoch after the first). The cache needs the posterior mean as z0 (the other
+        cases draw a posterior sample: the same work, other values)."""
+        from fastinpo.trajectory_cache import TrajectoryCache
+
+        config = copy.deepcopy(self.config)
+        config.data.latent_sample = False
+        k = grad_steps_per_call or self.config.method.grad_steps_per_call
+        method = self._method_with(grad_steps_per_call=k)
+        folder = tempfile.mkdtemp(prefix="fastinpo-bench-traj-")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        method.trajectory_cache = TrajectoryCache(folder, {"bench": True})
+        name, what = "trajectory-cache", "Inversion-DPO reference trajectory and ε cached on disk"
+        if grad_steps_per_call:
+            name, what = f"{name}+grad-steps-{k}", f"{what}, and {k} trajectory steps per policy call with grad"
+        case = Case(name, "fastinpo", what, "on", self.fastinpo_step(method=method, config=config),
+                    "warm cache (every epoch after the first; the first pays one trajectory and a write per pair); "
+                    "z0 = posterior mean, as the cache requires")
+
+        def prepare():
+            from fastinpo.train.loop import make_step_inputs
+
+            for r in range(len(self.data.encoded)):
+                inputs = make_step_inputs(self.data.encoded_at(r), self.empty, config, self.dev)
+                method._trajectory(inputs, self.models.callables)
+
+        case.prepare = prepare
+        return case
 
     def _reference_backend_step(self):
         from fastinpo.methods import build_method
@@ -593,6 +674,12 @@ def measure_group(group: Group, args, timer: Timer, memory: PeakMemory, flops_on
         args.repeats = max(3, args.repeats // 3)
     runnable = [c for c in cases if c.step is not None and c.status == "ok"]
     interleave = group.dev.type != "cuda"
+    for c in runnable:
+        if c.prepare is not None:
+            try:
+                c.prepare()
+            except Exception as err:  # noqa: BLE001 - reported like a failing step
+                c.status, c.note = "failed", f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
 
     counter = CallCounter(group.unets)  # UNet calls / samples of every timed step, attributed to its case
 
@@ -816,11 +903,16 @@ TARGETS = {  # (device kind, method, N) -> minimum speedup over the reference (i
     ("gpu", "diffusion-dpo", ""): 1.5,
 }
 
+# the cases judged against the targets: the trainer's defaults, and the recipe with the trajectory cache (an
+# option, valid only with fixed pair inputs)
+TARGET_CASES = {"fastinpo": "", "trajectory-cache": "with the reference-trajectory cache",
+                "trajectory-cache+grad-steps-4": "with the reference-trajectory cache and 4 steps per grad call"}
+
 
 def target_lines(rows: list[dict]) -> list[str]:
     out = []
     for r in rows:
-        if r["case"] != "fastinpo" or r["status"] != "ok":
+        if r["case"] not in TARGET_CASES or r["status"] != "ok":
             continue
         kind = "cpu" if r["device"].startswith("cpu") else "gpu"
         want = TARGETS.get((kind, r["method"], r["steps_N"] if r["method"] == "inversion-dpo" and kind == "cpu"
@@ -830,8 +922,9 @@ def target_lines(rows: list[dict]) -> list[str]:
             continue
         verdict = "met" if got >= want else f"NOT met (short by {100 * (1 - got / want):.0f}%)"
         n = f", N={r['steps_N']}" if r["method"] == "inversion-dpo" else ""
-        out.append(f"- {r['model']} {r['method']} {r['mode']} B={r['pairs']}{n}: {got:.2f}x (paired median) vs "
-                   f"target {want:.1f}x — {verdict}")
+        case = f" ({TARGET_CASES[r['case']]})" if TARGET_CASES[r["case"]] else ""
+        out.append(f"- {r['model']} {r['method']} {r['mode']} B={r['pairs']}{n}{case}: {got:.2f}x (paired median) "
+                   f"vs target {want:.1f}x — {verdict}")
     return out
 
 
@@ -857,8 +950,11 @@ def write_markdown(path: str, rows: list[dict], base: dict, extra: list[str]) ->
             paired = (f"{float(r['paired_speedup_median']):.2f} [{float(r['paired_speedup_iqr']):.2f}]"
                       if _num(r["paired_speedup_median"]) is not None else "")
             calls = f"{r['unet_calls']} / {r['unet_samples']}" if r["unet_calls"] else ""
+            pps = fmt(_num(r["pairs_per_s"]))
+            if not pps and _num(r["median_step_s"]) is not None:  # unit-cost rows: a time per call, not pairs/s
+                pps = f"{1000 * _num(r['median_step_s']):.3g} ms/call"
             lines.append("| " + " | ".join([
-                r["case"], opt, fmt(_num(r["pairs_per_s"])), fmt(_num(r["pairs_per_s_iqr"])),
+                r["case"], opt, pps, fmt(_num(r["pairs_per_s_iqr"])),
                 fmt(_num(r["speedup_vs_reference"])), paired, fmt(_num(r["gain_of_optimization"])),
                 fmt(_num(r["peak_mem_mb"])), calls, fmt(_num(r["mfu"])),
                 (r["status"] + (": " + r["note"] if r["note"] else "")).replace("|", "/")]) + " |")
@@ -957,19 +1053,25 @@ def readme_table(results_dir: str = os.path.join(HERE, "results")) -> str:
             key = (r["model"], r["method"], r["mode"], r["steps_N"], r["pairs"])
             groups.setdefault(key, {})[r["case"]] = r
         for (model, method, mode, n, pairs), cases in groups.items():
-            fast, ref = cases.get("fastinpo"), cases.get("reference")
-            if not fast or not ref or fast["status"] != "ok":
-                continue
-            dev = fast["device"].split(" (")[0]
-            name = method + (f" (N={n})" if method == "inversion-dpo" else "")
-            paired = (f"{float(fast['paired_speedup_median']):.2f}x [{float(fast['paired_speedup_iqr']):.2f}]"
-                      if _num(fast["paired_speedup_median"]) is not None
-                      else f"{float(fast['speedup_vs_reference']):.2f}x")
-            mem = f"{fmt(_num(fast['peak_mem_mb']))} / {fmt(_num(ref['peak_mem_mb']))}"
-            lines.append(f"| {dev} | {model} | {name} | {mode} | {pairs} | {fmt(_num(fast['pairs_per_s']))} | "
-                         f"{fmt(_num(ref['pairs_per_s']))} | {paired} | {mem} | "
-                         f"`{os.path.relpath(path, REPO)}` @ {fast['commit']} |")
+            for case, label in TARGET_CASES.items():
+                lines += _readme_line(path, model, method, mode, n, pairs, cases.get(case), cases.get("reference"),
+                                      label)
     return "\n".join(lines)
+
+
+def _readme_line(path, model, method, mode, n, pairs, fast, ref, label) -> list[str]:
+    """One README table line: a fastinpo case against the reference of its group (none if either is missing)."""
+    if not fast or not ref or fast["status"] != "ok":
+        return []
+    dev = fast["device"].split(" (")[0]
+    name = method + (f" (N={n})" if method == "inversion-dpo" else "") + (f", {label}" if label else "")
+    paired = (f"{float(fast['paired_speedup_median']):.2f}x [{float(fast['paired_speedup_iqr']):.2f}]"
+              if _num(fast["paired_speedup_median"]) is not None
+              else f"{float(fast['speedup_vs_reference']):.2f}x")
+    mem = f"{fmt(_num(fast['peak_mem_mb']))} / {fmt(_num(ref['peak_mem_mb']))}"
+    return [f"| {dev} | {model} | {name} | {mode} | {pairs} | {fmt(_num(fast['pairs_per_s']))} | "
+            f"{fmt(_num(ref['pairs_per_s']))} | {paired} | {mem} | "
+            f"`{os.path.relpath(path, REPO)}` @ {fast['commit']} |"]
 
 
 # ----------------------------------------------------------------------------------------------- main

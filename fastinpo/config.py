@@ -68,6 +68,8 @@ class MethodConfig:
     beta: float = _f(5000.0, "DPO temperature (SPEC: with the factor 0.5; DPO 5000, InPO 2000 SD1.5 / 5000 SDXL)")
     inversion_levels: int = _f(10, "InPO: K, levels of the DDIM inversion grid")
     eta: float = _f(0.1, "InPO: noise scale of the inversion (0 = deterministic)")
+    inversion_copy: Literal["none", "bfloat16", "float16", "float32"] = _f(
+        "none", "InPO, one process: invert with a no-grad copy of the policy in this dtype, refreshed after each optimizer step (state stays float32)")
     num_steps: int = _f(40, "Inversion-DPO: N grid steps (official SDXL 80)")
     guidance_scale: float = _f(2.0, "Inversion-DPO: classifier-free guidance of both models")
     flip_sign: bool = _f(False, "Inversion-DPO: the released code's sign of the logits instead of the paper's")
@@ -175,6 +177,9 @@ class Config:
         if dist.reference == "sharded" and self.lora.rank > 0:
             problems.append("distributed.reference = 'sharded' with LoRA: LoRA has no reference copy (the reference "
                             "is the policy with its adapters disabled); leave it 'replicated'")
+        if self.method.inversion_copy != "none" and (self.method.name != "inpo" or dist.backend != "none"):
+            problems.append("method.inversion_copy is for InPO in one process (it inverts with the policy); under "
+                            "DeepSpeed use distributed.inversion_copy")
         if dist.inversion_copy != "none" and self.method.name != "inpo":
             problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
                             f"{self.method.name!r}")

@@ -311,3 +311,41 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tiny_pipelines, p
                             for o in over]))
     a, b = _weights(straight), _weights(out)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_inversion_copy_is_the_policy_refreshed_every_step(lora, tiny_pipelines, pickapic_dir, tmp_path):
+    """method.inversion_copy: a float32 copy trains exactly like inverting with the policy itself (so the copy is
+    refreshed after every step, adapters included); a bf16 copy trains, and holds the policy's current weights."""
+    from fastinpo.models import load_components
+    from fastinpo.train.models import build_models
+
+    extra = ["train.max_steps=3", "method.eta=0.1", "method.beta=100", *(["lora.rank=4"] if lora else [])]
+    runs = {}
+    for copy_dtype in ("none", "float32", "bfloat16"):
+        out = tmp_path / copy_dtype
+        train(_config(tiny_pipelines["sd15"], pickapic_dir, out, "inpo", *extra,
+                      f"method.inversion_copy={copy_dtype}"))
+        runs[copy_dtype] = (_metrics(out), _weights(out))
+    (m0, w0), (m1, w1), (m2, w2) = runs["none"], runs["float32"], runs["bfloat16"]
+    assert [r["loss"] for r in m0] == [r["loss"] for r in m1]
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in m2)
+    assert any(not torch.equal(w0[k], w2[k]) for k in w0)  # the bf16 copy is what inverts: another training
+
+    config = _config(tiny_pipelines["sd15"], pickapic_dir, tmp_path / "x", "inpo", *extra,
+                     "method.inversion_copy=bfloat16")
+    models = build_models(config, load_components(tiny_pipelines["sd15"], load_vae=False, load_text=False).unet,
+                          torch.device("cpu"))
+    copy_params = dict(models.inversion_unet.named_parameters())
+    with torch.no_grad():
+        for p in models.trainable:  # an optimizer step
+            p.add_(torch.randn_like(p))
+    name = models.trainable_names[0]
+    assert not torch.equal(copy_params[name], models.trainable[0].to(torch.bfloat16))
+    models.refresh_inversion_copy()
+    for n, p in zip(models.trainable_names, models.trainable, strict=True):
+        assert copy_params[n].dtype == torch.bfloat16 and torch.equal(copy_params[n], p.to(torch.bfloat16))
+    with pytest.raises(ValueError, match="inversion_copy is for InPO"):
+        _config(tiny_pipelines["sd15"], pickapic_dir, tmp_path, "diffusion-dpo",
+                "method.inversion_copy=bfloat16").validate()

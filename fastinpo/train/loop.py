@@ -177,6 +177,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
                                      lr_scheduler=lr_scheduler, scaler=scaler)
         start_step = int(saved["step"])
         state.update({k: saved[k] for k in state})
+        models.refresh_inversion_copy()
     elif resume is not None and resume != "latest":
         raise FileNotFoundError(f"no checkpoint at {resume}")
     save_config(config, out_dir / "config.yaml")
@@ -229,6 +230,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
             elif not bool(bad):  # optimizers without device-side skipping: one host read per step
                 optimizer.step()
             lr_scheduler.step()
+            models.refresh_inversion_copy()
             consecutive = torch.where(bad, consecutive + 1, torch.zeros_like(consecutive))
             nan_total = nan_total + bad.float()
             log.add({"grad_norm": grad_norm.detach()})

@@ -34,6 +34,18 @@ class TrainingModels:
     callables: Models
     trainable: list[torch.nn.Parameter]
     trainable_names: list[str]
+    inversion_unet: Any | None = None  # method.inversion_copy: a no-grad copy of the policy InPO inverts with
+
+    def refresh_inversion_copy(self) -> None:
+        """Copy the policy's trainable weights into the inversion copy (cast to its dtype). The weights change only
+        at optimizer steps, so one refresh after each step keeps the copy exact for the next one — one cast per
+        step instead of autocast re-casting every weight at each of the up to K inversion calls."""
+        if self.inversion_unet is None:
+            return
+        target = dict(self.inversion_unet.named_parameters())
+        with torch.no_grad():
+            for name, p in zip(self.trainable_names, self.trainable, strict=True):
+                target[name].copy_(p)
 
 
 def check_symmetry_breaking(config: Config) -> None:
@@ -100,6 +112,19 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
     return unet, lora
 
 
+def make_inversion_copy(unet, dtype: torch.dtype):
+    """``(copy, inversion)``: a frozen copy of the policy UNet (adapters included) in ``dtype`` and its no-grad
+    ``(x, t, cond) -> eps`` callable (eps in ``dtype``; InPO keeps its inversion state in float32). Refresh it from
+    the policy with :meth:`TrainingModels.refresh_inversion_copy` after every optimizer step."""
+    inversion_unet = copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
+
+    def inversion(x, t, cond):
+        with torch.no_grad():
+            return _unet_forward(inversion_unet, x, t, cond, dtype)
+
+    return inversion_unet, inversion
+
+
 def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
     """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
     unet, lora = prepare_policy(config, unet, device)
@@ -127,6 +152,10 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
                 raise RuntimeError("this method has no reference model")
             return _unet_forward(reference_unet, x, t, cond, ref_dtype).float()
 
+    inversion_unet = inversion = None
+    if config.method.inversion_copy != "none":
+        inversion_unet, inversion = make_inversion_copy(unet, DTYPES[config.method.inversion_copy])
+
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
@@ -136,8 +165,8 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
             return _unet_forward(unet, x, t, cond, torch.float32)
 
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    return TrainingModels(unet, reference_unet, lora, Models(policy, reference),
-                          [p for _, p in named], [n for n, _ in named])
+    return TrainingModels(unet, reference_unet, lora, Models(policy, reference, inversion=inversion),
+                          [p for _, p in named], [n for n, _ in named], inversion_unet)
 
 
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
