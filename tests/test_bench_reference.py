@@ -147,3 +147,27 @@ def test_encoders_match(tiny_pipelines):
     z = ref.encode_vae(reference, pixels, torch.Generator().manual_seed(4))
     # a posterior sample: within a few std of the mean, and not the mean itself
     assert ((z - mean).abs() <= 6 * std + 1e-6).all() and not torch.allclose(z, mean)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["inpo", "inversion-dpo"])
+def test_every_benchmark_case_runs(method, tmp_path):
+    """Every on/off case of the training-step benchmark runs a step (CI's benchmark smoke runs only fastinpo and
+    the reference): a case that broke would otherwise only show up as a 'failed' row in the next full run."""
+    from benchmarks import bench_train_step as bts
+
+    group = bts.build_group(method, str(tmp_path), pairs=2 if method == "inpo" else 1, num_steps=3)
+    cases = group.cases()
+    ran = []
+    for case in cases:
+        if case.status != "ok" or case.step is None:
+            continue
+        if case.prepare is not None:
+            case.prepare()
+        case.step(0)
+        case.step(1)
+        ran.append(case.name)
+    expected = {"inpo": {"bf16-inversion-copy", "whole-batch-inversion", "split-calls", "encoders-in-step"},
+                "inversion-dpo": {"trajectory-cache", "trajectory-cache+grad-steps-4", "grad-steps-4",
+                                  "nograd-steps-1", "all-in-graph", "split-calls"}}[method]
+    assert expected <= set(ran), sorted(set(expected) - set(ran))
