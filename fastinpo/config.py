@@ -43,6 +43,7 @@ class ModelConfig:
     encoder_dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "dtype of the VAE and text encoders")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     attention: Literal["sdpa", "xformers"] = _f("sdpa", "attention kernel (xformers only with CUDA and installed)")
+    compile: bool = _f(False, "call the UNets through torch.compile (one process): a slower start (compiling), faster steps")
 
 
 @dataclass
@@ -177,6 +178,9 @@ class Config:
         if dist.reference == "sharded" and self.lora.rank > 0:
             problems.append("distributed.reference = 'sharded' with LoRA: LoRA has no reference copy (the reference "
                             "is the policy with its adapters disabled); leave it 'replicated'")
+        if self.model.compile and dist.backend != "none":
+            problems.append("model.compile is for one process (not supported with distributed.backend = "
+                            "'deepspeed' yet)")
         if self.method.inversion_copy != "none" and (self.method.name != "inpo" or dist.backend != "none"):
             problems.append("method.inversion_copy is for InPO in one process (it inverts with the policy); under "
                             "DeepSpeed use distributed.inversion_copy")

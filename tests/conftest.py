@@ -48,3 +48,24 @@ def pickapic_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("pickapic")
     write_pickapic_parquet(root / "train-00000.parquet", synthetic_rows(10, 40, seed=0))
     return root
+
+
+@pytest.fixture
+def moved_sd15_models(tiny_pipelines):
+    """``(policy_unet, Models, schedule)``: a tiny SD1.5 policy moved off its frozen float32 reference copy (at
+    θ = θ_ref Inversion-DPO's loss and gradient are exactly 0, so a gradient test there would pass trivially)."""
+    import copy
+
+    from fastinpo.methods.base import Models
+    from fastinpo.models import load_components, unet_callable
+    from fastinpo.schedule import NoiseSchedule
+
+    comps = load_components(tiny_pipelines["sd15"], load_vae=False, load_text=False)
+    policy_unet = comps.unet
+    ref_unet = copy.deepcopy(policy_unet).requires_grad_(False)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in policy_unet.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    schedule = NoiseSchedule.from_config(comps.scheduler_config)
+    return policy_unet, Models(unet_callable(policy_unet), unet_callable(ref_unet)), schedule

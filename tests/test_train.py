@@ -145,25 +145,14 @@ def test_lora_export_loads_into_stock_diffusers(tiny_pipelines, pickapic_dir, tm
     assert lora_params and any(v.abs().max() > 0 for v in lora_params.values())
 
 
-def test_memory_light_gradient_equals_all_in_graph(tiny_pipelines):
+def test_memory_light_gradient_equals_all_in_graph(moved_sd15_models):
     """SPEC §4: the two-pass gradient equals the gradient of the whole graph (policy moved off the reference)."""
-    import copy
-
     from fastinpo.config import MethodConfig
     from fastinpo.methods import build_method
-    from fastinpo.methods.base import Models, PairRandomness, StepInputs
-    from fastinpo.models import load_components, unet_callable
-    from fastinpo.schedule import NoiseSchedule
+    from fastinpo.methods.base import PairRandomness, StepInputs
 
-    comps = load_components(tiny_pipelines["sd15"], load_vae=False, load_text=False)
-    policy_unet = comps.unet
-    ref_unet = copy.deepcopy(policy_unet).requires_grad_(False)
+    policy_unet, models, schedule = moved_sd15_models
     g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy_unet.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    models = Models(unet_callable(policy_unet), unet_callable(ref_unet))
-    schedule = NoiseSchedule.from_config(comps.scheduler_config)
     inputs = StepInputs(torch.randn(4, 4, 16, 16, generator=g), {"encoder_hidden_states": torch.randn(4, 77, 32,
                         generator=g)}, PairRandomness.for_positions(0, [0, 1], "cpu"))
     grads = {}
@@ -349,3 +338,21 @@ def test_inversion_copy_is_the_policy_refreshed_every_step(lora, tiny_pipelines,
     with pytest.raises(ValueError, match="inversion_copy is for InPO"):
         _config(tiny_pipelines["sd15"], pickapic_dir, tmp_path, "diffusion-dpo",
                 "method.inversion_copy=bfloat16").validate()
+
+
+@pytest.mark.slow
+def test_compiled_unets_train_like_eager_ones(tiny_pipelines, pickapic_dir, tmp_path):
+    """model.compile: the same training through torch.compile'd UNet calls (inductor reorders float32 sums, hence a
+    tolerance, not equality), and the saved weights are the plain module's (loadable without compile)."""
+    extra = ["train.max_steps=2", "lora.rank=4", "method.beta=100"]
+    runs = {}
+    for flag in ("false", "true"):
+        out = tmp_path / flag
+        train(_config(tiny_pipelines["sd15"], pickapic_dir, out, "diffusion-dpo", *extra, f"model.compile={flag}"))
+        runs[flag] = (_metrics(out), _weights(out))
+    (m0, w0), (m1, w1) = runs["false"], runs["true"]
+    for a, b in zip(m0, m1, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4, abs=1e-6)
+    assert w0.keys() == w1.keys() and not any("_orig_mod" in k for k in w1)
+    for k in w0:
+        torch.testing.assert_close(w1[k], w0[k], rtol=1e-4, atol=1e-6)

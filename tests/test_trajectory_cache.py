@@ -4,8 +4,6 @@ change from epoch to epoch is refused, and a cache made for another setup is ref
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -13,25 +11,9 @@ from fastinpo.config import MethodConfig, load_config
 from fastinpo.inversion import inversion_dpo_trajectory, replay_inversion_dpo_trajectory
 from fastinpo.methods import build_method
 from fastinpo.methods.base import Models, PairRandomness, StepInputs
-from fastinpo.models import load_components, unet_callable
-from fastinpo.schedule import NoiseSchedule
 from fastinpo.train import train
 from fastinpo.trajectory_cache import StaleTrajectoryCacheError, TrajectoryCache
 from tests.test_train import _config, _metrics, _weights
-
-
-@pytest.fixture(scope="module")
-def moved_models(tiny_pipelines):
-    """A tiny SD1.5 policy moved off its frozen reference (else Inversion-DPO's gradient is exactly 0)."""
-    comps = load_components(tiny_pipelines["sd15"], load_vae=False, load_text=False)
-    policy_unet = comps.unet
-    ref_unet = copy.deepcopy(policy_unet).requires_grad_(False)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in policy_unet.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-    schedule = NoiseSchedule.from_config(comps.scheduler_config)
-    return policy_unet, Models(unet_callable(policy_unet), unet_callable(ref_unet)), schedule
 
 
 def _inputs(B: int, seed: int = 1) -> StepInputs:
@@ -50,8 +32,8 @@ def _loss_and_grad(unet, models, method, inputs):
 
 
 @pytest.mark.parametrize("B", [1, 2])
-def test_replayed_trajectory_is_the_computed_one_bit_for_bit(moved_models, B):
-    _, models, schedule = moved_models
+def test_replayed_trajectory_is_the_computed_one_bit_for_bit(moved_sd15_models, B):
+    _, models, schedule = moved_sd15_models
     inputs = _inputs(B)
     traj = inversion_dpo_trajectory(models.reference, inputs.z0, inputs.cond, schedule, num_steps=5)
     replay = replay_inversion_dpo_trajectory(inputs.z0, traj.ref_eps, schedule, num_steps=5)
@@ -62,9 +44,9 @@ def test_replayed_trajectory_is_the_computed_one_bit_for_bit(moved_models, B):
 
 
 @pytest.mark.parametrize(("grad_k", "nograd_k", "light"), [(2, 3, True), (5, 5, True), (2, 1, False), (3, 8, False)])
-def test_batched_policy_steps_give_the_per_step_gradient(moved_models, grad_k, nograd_k, light):
+def test_batched_policy_steps_give_the_per_step_gradient(moved_sd15_models, grad_k, nograd_k, light):
     """Several trajectory steps in one UNet call (per-sample timesteps, ragged last chunk) = one call per step."""
-    unet, models, schedule = moved_models
+    unet, models, schedule = moved_sd15_models
     inputs = _inputs(2)
     base = build_method(MethodConfig(name="inversion-dpo", beta=50.0, num_steps=5, memory_light=False,
                                      grad_steps_per_call=1), schedule)
@@ -80,8 +62,8 @@ def test_batched_policy_steps_give_the_per_step_gradient(moved_models, grad_k, n
     torch.testing.assert_close(grad1, grad0, rtol=1e-4, atol=1e-5 * float(grad0.abs().max()))
 
 
-def test_cached_step_equals_computed_step(moved_models, tmp_path):
-    unet, models, schedule = moved_models
+def test_cached_step_equals_computed_step(moved_sd15_models, tmp_path):
+    unet, models, schedule = moved_sd15_models
     inputs = _inputs(2)
     method = build_method(MethodConfig(name="inversion-dpo", beta=50.0, num_steps=4), schedule)
     loss0, grad0 = _loss_and_grad(unet, models, method, inputs)

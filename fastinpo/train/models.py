@@ -113,60 +113,75 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
 
 
 def make_inversion_copy(unet, dtype: torch.dtype):
-    """``(copy, inversion)``: a frozen copy of the policy UNet (adapters included) in ``dtype`` and its no-grad
-    ``(x, t, cond) -> eps`` callable (eps in ``dtype``; InPO keeps its inversion state in float32). Refresh it from
-    the policy with :meth:`TrainingModels.refresh_inversion_copy` after every optimizer step."""
-    inversion_unet = copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
+    """A frozen copy of the policy UNet (adapters included) in ``dtype``, for InPO's inversion (eps in ``dtype``;
+    InPO keeps its inversion state in float32). Refresh it from the policy with
+    :meth:`TrainingModels.refresh_inversion_copy` after every optimizer step."""
+    return copy.deepcopy(unet).to(dtype).requires_grad_(False).eval()
 
-    def inversion(x, t, cond):
-        with torch.no_grad():
-            return _unet_forward(inversion_unet, x, t, cond, dtype)
 
-    return inversion_unet, inversion
+def unet_callables(config: Config, unet, reference_unet, inversion_unet, lora: bool, device: torch.device, *,
+                   compile: bool = False) -> Models:
+    """The ``(x, t, cond) -> eps`` callables of the run's UNets: the policy (under ``train.mixed_precision``
+    autocast), the reference (its frozen copy in ``model.reference_dtype``, or with LoRA the policy with its
+    adapters disabled, float32) and the optional inversion copy (no grad). ``compile`` calls every UNet through
+    ``torch.compile`` (the modules themselves, their weights and what is saved, are unchanged)."""
+    amp_dtype = DTYPES[config.train.mixed_precision]
+    ref_dtype = DTYPES[config.model.reference_dtype]
+    run = torch.compile if compile else (lambda module: module)
+    policy_unet = run(unet)
+
+    def autocast():
+        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
+
+    def policy(x, t, cond):
+        with autocast():
+            return _unet_forward(policy_unet, x, t, cond, torch.float32)
+
+    if lora:
+        def reference(x, t, cond):
+            unet.disable_adapters()
+            try:
+                return _unet_forward(policy_unet, x, t, cond, torch.float32).float()
+            finally:
+                unet.enable_adapters()
+    else:
+        reference_run = run(reference_unet) if reference_unet is not None else None
+
+        def reference(x, t, cond):
+            if reference_run is None:
+                raise RuntimeError("this method has no reference model")
+            return _unet_forward(reference_run, x, t, cond, ref_dtype).float()
+
+    inversion = None
+    if inversion_unet is not None:
+        copy_dtype = next(inversion_unet.parameters()).dtype
+        inversion_run = run(inversion_unet)
+
+        def inversion(x, t, cond):
+            with torch.no_grad():
+                return _unet_forward(inversion_run, x, t, cond, copy_dtype)
+
+    return Models(policy, reference, inversion=inversion)
 
 
 def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
     """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
     unet, lora = prepare_policy(config, unet, device)
-    amp_dtype = DTYPES[config.train.mixed_precision]
-    ref_dtype = DTYPES[config.model.reference_dtype]
-
-    def autocast():
-        return torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else nullcontext()
-
-    if lora:
-        reference_unet = None
-
-        def reference(x, t, cond):
-            unet.disable_adapters()
-            try:
-                return _unet_forward(unet, x, t, cond, torch.float32).float()
-            finally:
-                unet.enable_adapters()
-    else:
-        needs_ref = config.method.name != "sft"
-        reference_unet = (copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval() if needs_ref else None)
-
-        def reference(x, t, cond):
-            if reference_unet is None:
-                raise RuntimeError("this method has no reference model")
-            return _unet_forward(reference_unet, x, t, cond, ref_dtype).float()
-
-    inversion_unet = inversion = None
+    reference_unet = None
+    if not lora and config.method.name != "sft":
+        ref_dtype = DTYPES[config.model.reference_dtype]
+        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
+    inversion_unet = None
     if config.method.inversion_copy != "none":
-        inversion_unet, inversion = make_inversion_copy(unet, DTYPES[config.method.inversion_copy])
-
+        inversion_unet = make_inversion_copy(unet, DTYPES[config.method.inversion_copy])
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-
-    def policy(x, t, cond):
-        with autocast():
-            return _unet_forward(unet, x, t, cond, torch.float32)
-
+    callables = unet_callables(config, unet, reference_unet, inversion_unet, lora, device,
+                               compile=config.model.compile)
     named = [(n, p) for n, p in unet.named_parameters() if p.requires_grad]
-    return TrainingModels(unet, reference_unet, lora, Models(policy, reference, inversion=inversion),
-                          [p for _, p in named], [n for n, _ in named], inversion_unet)
+    return TrainingModels(unet, reference_unet, lora, callables, [p for _, p in named], [n for n, _ in named],
+                          inversion_unet)
 
 
 def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: torch.device,
