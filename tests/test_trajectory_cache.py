@@ -14,6 +14,7 @@ from fastinpo.methods.base import Models, PairRandomness, StepInputs
 from fastinpo.train import train
 from fastinpo.trajectory_cache import StaleTrajectoryCacheError, TrajectoryCache
 from tests.test_train import _config, _metrics, _weights
+from tests.tolerances import assert_close_fp32, assert_close_model_grad
 
 
 def _inputs(B: int, seed: int = 1) -> StepInputs:
@@ -55,11 +56,8 @@ def test_batched_policy_steps_give_the_per_step_gradient(moved_sd15_models, grad
     loss0, grad0 = _loss_and_grad(unet, models, base, inputs)
     loss1, grad1 = _loss_and_grad(unet, models, batched, inputs)
     assert grad0.abs().max() > 1e-6
-    # float32: the UNet's batched GEMMs and the gradient sums run in another order, so each element differs by
-    # a few float32 ulps of the gradient's scale (seen: 4e-7 at a max |grad| of 0.3; a wrong step or weight is
-    # off by the size of a whole term)
-    torch.testing.assert_close(loss1, loss0, rtol=1e-5, atol=1e-7)
-    torch.testing.assert_close(grad1, grad0, rtol=1e-4, atol=1e-5 * float(grad0.abs().max()))
+    assert_close_fp32(loss1, loss0)
+    assert_close_model_grad(grad1, grad0)
 
 
 def test_cached_step_equals_computed_step(moved_sd15_models, tmp_path):
