@@ -1208,6 +1208,8 @@ def run(args) -> int:
                 data = datas[b]
                 label = f"{model} {method} {'lora' if lora else 'full'} B={b}" + (f" N={n}" if n else "")
                 print(f"-- {label}", flush=True)
+                if args.compile:  # a fresh compile cache per group: the groups' many graphs of the one UNet forward
+                    torch._dynamo.reset()  # would otherwise exhaust the recompile limit and fall back to eager
                 group = Group(args, dev, pipeline, comps, encoder, data, method, lora, n or 20,
                               secondary=bool(n) and n != args.num_steps[0])
                 cases = measure_group(group, args, timer, memory, flops_on=cuda)

@@ -127,6 +127,14 @@ def unet_callables(config: Config, unet, reference_unet, inversion_unet, lora: b
     ``torch.compile`` (the modules themselves, their weights and what is saved, are unchanged)."""
     amp_dtype = DTYPES[config.train.mixed_precision]
     ref_dtype = DTYPES[config.model.reference_dtype]
+    if compile:
+        # every graph of a run goes through the one UNet forward: policy with grad and without (InPO's
+        # inversion), the reference (with LoRA: adapters disabled, another guard), InPO's prefix batch sizes (one
+        # recompile as dynamic shapes), the validation sampler. Past dynamo's default limit of 8 graphs per
+        # function it would silently fall back to eager.
+        import torch._dynamo
+
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     run = torch.compile if compile else (lambda module: module)
     policy_unet = run(unet)
 
