@@ -132,9 +132,9 @@ def unet_callables(config: Config, unet, reference_unet, inversion_unet, lora: b
         # inversion), the reference (with LoRA: adapters disabled, another guard), InPO's prefix batch sizes (one
         # recompile as dynamic shapes), the validation sampler. Past dynamo's default limit of 8 graphs per
         # function it would silently fall back to eager.
-        import torch._dynamo
+        import torch._dynamo as dynamo  # (a plain `import torch._dynamo` would make `torch` local here)
 
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        dynamo.config.recompile_limit = max(dynamo.config.recompile_limit, 64)
     run = torch.compile if compile else (lambda module: module)
     policy_unet = run(unet)
 
