@@ -36,7 +36,8 @@ Peak memory: CUDA ``max_memory_allocated`` above the resident models; CPU peak R
 
 Outputs (``--out``, default benchmarks/results/): ``train-step-<device>-<date>[-smoke].csv`` (one row per case,
 with command, device, versions, commit), the same name ``.md`` (summary, targets) and ``.png`` (chart).
-``--readme-table`` prints the README performance table rendered from the newest results files.
+``--readme-table`` prints the README performance table rendered from the newest results files;
+``--update-readme`` writes it into README.md (tests/test_readme.py checks the two agree).
 
 Usage::
 
@@ -1031,8 +1032,8 @@ def write_chart(path: str, rows: list[dict], title: str) -> None:
     labels = [f"{r['method']} {r['mode']} B={r['pairs']}" + (f" N={r['steps_N']}" if r["method"] == "inversion-dpo"
                                                               else "") + f" · {r['case']}" for r in ok]
     vals = [_num(r["paired_speedup_median"]) or _num(r["speedup_vs_reference"]) for r in ok]
-    colors = ["#999999" if r["case"] == "reference" else "#1f77b4" if r["case"] == "fastinpo" else "#ff7f0e"
-              for r in ok]
+    palette = {"reference": "#999999", "reference+compile": "#cccccc", "fastinpo": "#1f77b4"}
+    colors = [palette.get(r["case"], "#ff7f0e") for r in ok]  # grey: the baselines; blue: defaults; orange: on/off
     fig, ax = plt.subplots(figsize=(9, 0.32 * len(ok) + 1.2))
     ax.barh(range(len(ok)), vals, color=colors)
     ax.set_yticks(range(len(ok)))
@@ -1090,6 +1091,16 @@ def readme_table(results_dir: str = os.path.join(HERE, "results")) -> str:
     return "\n".join(lines)
 
 
+def update_readme(table: str, readme: str = os.path.join(REPO, "README.md")) -> None:
+    """Replace the table between README.md's ``<!-- perf-table:start ...-->`` and ``<!-- perf-table:end -->``."""
+    with open(readme) as f:
+        text = f.read()
+    start = text.index("\n", text.index("<!-- perf-table:start")) + 1
+    end = text.index("<!-- perf-table:end -->")
+    with open(readme, "w") as f:
+        f.write(text[:start] + table.strip() + "\n" + text[end:])
+
+
 def _readme_line(path, model, method, mode, n, pairs, fast, ref, label) -> list[str]:
     """One README table line: a fastinpo case against the reference of its group (none if either is missing)."""
     if not fast or not ref or fast["status"] != "ok":
@@ -1141,12 +1152,18 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tag", default="", help="suffix of the output names (tagged files never feed the README table)")
     p.add_argument("--readme-table", action="store_true", help="print the README table from the results and exit")
+    p.add_argument("--update-readme", action="store_true",
+                   help="rewrite README.md's table (between its perf-table markers) from the results and exit")
     p.add_argument("--report", metavar="CSV", default=None,
                    help="re-render the .md summary and .png chart of a results CSV (from its rows) and exit")
     return p
 
 
 def run(args) -> int:
+    if args.update_readme:
+        update_readme(readme_table(args.out))
+        print(f"README.md performance table rewritten from {args.out}")
+        return 0
     if args.readme_table:
         print(readme_table(args.out))
         return 0
