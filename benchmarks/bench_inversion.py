@@ -32,9 +32,7 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import shlex
 import sys
-import time
 
 import torch
 
@@ -46,7 +44,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
     sys.path.insert(0, REPO)
 
-from benchmarks.common import device_name, device_slug, git_commit, loadavg  # noqa: E402
+from benchmarks.common import Timer, device_slug, loadavg, quantile, run_metadata  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "commit", "command", "op", "B", "shape", "dtype", "provider", "status",
@@ -56,30 +54,12 @@ COLUMNS = [
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
-class Timer:
-    """One call's time: CUDA events on a GPU (no host sync inside the timed region), perf_counter on CPU."""
-
-    def __init__(self, dev: torch.device):
-        self.cuda = dev.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
 def stats(times: list[float]) -> dict:
-    ts = sorted(times)
-    q = lambda p: ts[min(len(ts) - 1, int(round(p * (len(ts) - 1))))]  # noqa: E731
+    def q(p):
+        return quantile(times, p)
+
     return {"median_ms": q(0.5) * 1e3, "p10_ms": q(0.1) * 1e3, "p90_ms": q(0.9) * 1e3,
-            "iqr_ms": (q(0.75) - q(0.25)) * 1e3, "repeats": len(ts)}
+            "iqr_ms": (q(0.75) - q(0.25)) * 1e3, "repeats": len(times)}
 
 
 def copy_bandwidth(dev: torch.device, timer: Timer, repeats: int, nbytes: int) -> float:
@@ -285,14 +265,7 @@ def main(argv=None) -> int:
     today = _dt.date.today().isoformat()
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, f"inversion-{device_slug(dev)}-{today}{'-smoke' if args.smoke else ''}.csv")
-    base = {
-        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "commit": git_commit(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-        "threads": torch.get_num_threads() if dev.type == "cpu" else "",
-    }
+    base = {**run_metadata(dev), "threads": torch.get_num_threads() if dev.type == "cpu" else ""}
     print(f"{base['device']}  torch {base['torch']}  commit {base['commit']}  threads {torch.get_num_threads()}  "
           f"load {loadavg()}")
     with open(path, "w", newline="") as f:

@@ -32,7 +32,6 @@ import argparse
 import csv
 import datetime as _dt
 import os
-import shlex
 import sys
 import time
 
@@ -48,7 +47,7 @@ if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the re
     sys.path.insert(0, REPO)
 
 from benchmarks.common import device_name as _device_name  # noqa: E402
-from benchmarks.common import git_commit  # noqa: E402
+from benchmarks.common import run_metadata  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "triton", "commit", "command", "op", "mode", "model", "B", "shape", "dtype",
@@ -282,14 +281,7 @@ def main(argv=None):
                                           torch.cuda.get_device_name(dev).replace(" ", "_"))
     csv_path = os.path.join(args.out, f"kernels-{tag}-{date}.csv")
     png_path = os.path.join(args.out, f"kernels-{tag}-{date}.png")
-    meta = {
-        "timestamp": _dt.datetime.now().isoformat(timespec="seconds"),
-        "device": device_name(dev),
-        "torch": torch.__version__,
-        "triton": triton_version(),
-        "commit": git_commit(),
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-    }
+    meta = {**run_metadata(dev), "device": device_name(dev), "triton": triton_version()}
     copy_gbps = copy_bandwidth(dev, (64 if args.smoke else 1024) * 2**20, repeats=10 if args.smoke else 50)
     print(f"# device {meta['device']}, torch {meta['torch']}, triton {meta['triton']}, commit {meta['commit']}")
     print(f"# copy bandwidth {copy_gbps:.1f} GB/s (2 x bytes / time of a large copy)")

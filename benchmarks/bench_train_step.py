@@ -60,7 +60,6 @@ import gc
 import glob
 import os
 import re
-import shlex
 import shutil
 import sys
 import tempfile
@@ -75,7 +74,7 @@ REPO = os.path.dirname(HERE)
 if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
     sys.path.insert(0, REPO)
 
-from benchmarks.common import device_name, device_slug, git_commit, loadavg  # noqa: E402
+from benchmarks.common import Timer, device_slug, loadavg, quantile, run_metadata  # noqa: E402
 
 COLUMNS = [
     "timestamp", "device", "torch", "diffusers", "commit", "command", "model", "method", "mode", "pairs", "steps_N",
@@ -102,30 +101,9 @@ def synchronized_timer() -> float:
     return time.perf_counter()
 
 
-class Timer:
-    """One call's wall time: CUDA events on a GPU, ``perf_counter`` on CPU."""
-
-    def __init__(self, dev: torch.device):
-        self.cuda = dev.type == "cuda"
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
 def quantiles(values: list[float]) -> tuple[float, float]:
     """(median, IQR)."""
-    v = sorted(values)
-    q = lambda p: v[min(len(v) - 1, int(round(p * (len(v) - 1))))]  # noqa: E731
-    return q(0.5), q(0.75) - q(0.25)
+    return quantile(values, 0.5), quantile(values, 0.75) - quantile(values, 0.25)
 
 
 # ----------------------------------------------------------------------------------------------- memory
@@ -1194,9 +1172,7 @@ def run(args) -> int:
     os.makedirs(args.out, exist_ok=True)
     stem = os.path.join(args.out, f"train-step-{device_slug(dev)}-{today}{'-smoke' if args.smoke else ''}"
                                   f"{'-' + args.tag if args.tag else ''}")
-    base = {"timestamp": _dt.datetime.now().isoformat(timespec="seconds"), "device": device_name(dev),
-            "torch": torch.__version__, "diffusers": diffusers.__version__, "commit": git_commit(),
-            "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
+    base = {**run_metadata(dev), "diffusers": diffusers.__version__,
             "threads": torch.get_num_threads() if not cuda else ""}
     print(f"{base['device']}  torch {base['torch']}  diffusers {base['diffusers']}  commit {base['commit']}  "
           f"threads {base['threads']}  load {loadavg()}", flush=True)
