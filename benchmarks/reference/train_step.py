@@ -186,14 +186,20 @@ def diffusion_dpo_loss(models: ReferenceModels, z0: torch.Tensor, cond: dict, t:
     noise = noise.repeat(2, 1, 1, 1)
     a = alphas[timesteps].view(-1, 1, 1, 1)
     noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise  # noise_scheduler.add_noise
-    target = noise
-    model_pred = policy_pred(models, noisy, timesteps, cond)
+    return dpo_on(models, noisy, timesteps, cond, noise, beta)
+
+
+def dpo_on(models: ReferenceModels, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, target: torch.Tensor,
+           beta: float) -> LossOut:
+    """The diffusers DPO example's loss of policy and reference at ``x`` against ``target`` (Diffusion-DPO's
+    noise; InPO's ε*, as the InPO script reuses this code)."""
+    model_pred = policy_pred(models, x, timesteps, cond)
     model_losses = F.mse_loss(model_pred.float(), target.float(), reduction="none")
     model_losses = model_losses.mean(dim=list(range(1, len(model_losses.shape))))
     model_losses_w, model_losses_l = model_losses.chunk(2)
     model_diff = model_losses_w - model_losses_l
     with torch.no_grad():
-        ref_pred = reference_pred(models, noisy, timesteps, cond)
+        ref_pred = reference_pred(models, x, timesteps, cond)
         ref_losses = F.mse_loss(ref_pred.float(), target.float(), reduction="none")
         ref_losses = ref_losses.mean(dim=list(range(1, len(ref_losses.shape))))
         ref_losses_w, ref_losses_l = ref_losses.chunk(2)
@@ -261,20 +267,7 @@ def inpo_loss(models: ReferenceModels, z0: torch.Tensor, cond: dict, t: torch.Te
     timesteps = t.to(z0.device).repeat(2)
     a = alphas[timesteps].view(-1, 1, 1, 1)
     target = (x_inv - a.sqrt() * z0) / (1 - a).sqrt()  # float32 ᾱ (the official fp16 table is off at small t)
-    model_pred = policy_pred(models, x_inv, timesteps, cond)
-    model_losses = F.mse_loss(model_pred.float(), target.float(), reduction="none")
-    model_losses = model_losses.mean(dim=list(range(1, len(model_losses.shape))))
-    model_losses_w, model_losses_l = model_losses.chunk(2)
-    model_diff = model_losses_w - model_losses_l
-    with torch.no_grad():
-        ref_pred = reference_pred(models, x_inv, timesteps, cond)
-        ref_losses = F.mse_loss(ref_pred.float(), target.float(), reduction="none")
-        ref_losses = ref_losses.mean(dim=list(range(1, len(ref_losses.shape))))
-        ref_losses_w, ref_losses_l = ref_losses.chunk(2)
-        ref_diff = ref_losses_w - ref_losses_l
-    inside_term = -0.5 * beta * (model_diff - ref_diff)
-    loss = -1 * F.logsigmoid(inside_term).mean()
-    return LossOut(loss, inside_term.detach(), model_losses.detach(), ref_losses)
+    return dpo_on(models, x_inv, timesteps, cond, target, beta)
 
 
 def _cfg_pred(pred_fn, models, latent, t: int, context: dict, guidance_scale: float) -> torch.Tensor:
