@@ -26,7 +26,6 @@ import copy
 import json
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +35,7 @@ import torch
 
 from fastinpo.config import Config, save_config
 from fastinpo.methods.base import Models
-from fastinpo.train.models import DTYPES, _unet_forward, build_lr_scheduler, prepare_policy
+from fastinpo.train.models import DTYPES, _unet_forward, build_lr_scheduler, make_inversion_copy, prepare_policy
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 PRESETS = ("zero2", "zero3", "zero3_offload")
@@ -292,7 +291,7 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
         if stage != 3:
             raise ValueError(f"distributed.inversion_copy is for ZeRO-3 (with stage {stage} every rank already "
                              "holds the whole policy): set it to 'none'")
-        inversion_unet = copy.deepcopy(unet).to(device, copy_dtype).requires_grad_(False).eval()
+        inversion_unet = make_inversion_copy(unet, copy_dtype).to(device)
 
     if config.model.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -473,7 +472,7 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
     from fastinpo.schedule import NoiseSchedule
     from fastinpo.train import checkpoint as ckpt
     from fastinpo.train.data_source import PairStream
-    from fastinpo.train.loop import MetricsLog, make_step_inputs, report_step
+    from fastinpo.train.loop import MetricsLog, StepCounter, make_step_inputs
 
     if config.train.sample_every:
         raise ValueError("train.sample_every (validation grids) is not supported with distributed.backend = "
@@ -514,26 +513,21 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
         (out_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2))
 
     log = MetricsLog(out_dir, start_step, rank=env.rank, world_size=env.world_size)
-    consecutive = torch.tensor(float(state["consecutive_nan"]), device=device)
-    nan_total = torch.tensor(float(state["nan_steps"]), device=device)
     batches = stream.batches(start_step * config.train.grad_accum)
     last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
+    counter = StepCounter(state, start_step, last_step, device)
     bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
                disable=not (config.train.progress and env.is_main),
                desc=f"{config.method.name} {'lora' if models.lora else 'full'} x{env.world_size}")
-    t_log = time.perf_counter()
-    steps_since_log = 0
-    step = start_step
     scale = 1.0 / config.train.grad_accum
 
     def save(step_now: int) -> Path:
         return save_checkpoint(out_dir, step_now, models, env, {
-            "nan_steps": int(nan_total.item()), "consecutive_nan": int(consecutive.item()),
-            "method": config.method.name, "lora": models.lora, "backend": "deepspeed",
+            **counter.checkpoint_state(), "method": config.method.name, "lora": models.lora, "backend": "deepspeed",
             "world_size": env.world_size, "zero_stage": zero_stage(ds)}, config.train.keep_last)
 
     try:
-        while step < last_step:
+        while counter.step < last_step:
             for _ in range(config.train.grad_accum):
                 batch = next(batches)
                 if models.lockstep is not None:
@@ -551,21 +545,13 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
             # DeepSpeed skipped the update iff the global gradient norm is not finite; a non-finite loss on any
             # rank makes it so. It is the same on every rank, so are these counters: no collective needed.
             bad = ~torch.isfinite(grad_norm)
-            consecutive = torch.where(bad, consecutive + 1, torch.zeros_like(consecutive))
-            nan_total = nan_total + bad.float()
             models.refresh_inversion_copy()
-            log.add({"grad_norm": grad_norm.detach()})
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
-
-            if step == start_step + 1 or step % config.train.log_every == 0 or step == last_step:
-                t_log = report_step(log, bar, config, step, lr=engine.get_lr()[0],
-                                    pairs=steps_since_log * pairs_per_step, t_log=t_log, nan_total=nan_total,
-                                    consecutive=consecutive, skipped_rows=sum(stream.skipped.values()), save=save)
-                steps_since_log = 0
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
-                save(step)
+            counter.end_step(bad, grad_norm, log, bar)
+            counter.report_if_due(log, bar, config, lr=lambda: engine.get_lr()[0], pairs_per_step=pairs_per_step,
+                                  skipped_rows=lambda: sum(stream.skipped.values()), save=save)
+            if counter.checkpoint_due(config):
+                save(counter.step)
+        step = counter.step
         final = save(step)
     finally:
         bar.close()

@@ -117,21 +117,57 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def report_step(log: MetricsLog, bar, config: Config, step: int, *, lr: float, pairs: int, t_log: float,
-                nan_total: torch.Tensor, consecutive: torch.Tensor, skipped_rows: int, save) -> float:
-    """A logging step (the only host reads of the loop): flush the metrics, update the bar, and stop the run —
-    with a checkpoint — after ``train.max_nan_steps`` consecutive non-finite steps. Returns the new ``t_log``."""
-    now = time.perf_counter()
-    row = log.flush(step, {"lr": lr, "pairs_per_s": pairs / max(now - t_log, 1e-9),
-                           "nan_steps": float(nan_total.item()), "skipped_rows": float(skipped_rows)})
-    bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
-    if consecutive.item() >= config.train.max_nan_steps:
-        path = save(step)
-        raise NonFiniteLossError(
-            f"{int(consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
-            f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
-            f"checkpoint in {path}. Lower the learning rate or check the data.")
-    return now
+class StepCounter:
+    """Where a run is and its non-finite-step bookkeeping, shared by the single-process and DeepSpeed loops: the
+    step counts on the host, the non-finite counts on the device (read on the host only at logging steps and
+    checkpoints, so the hot loop has no sync)."""
+
+    def __init__(self, saved: dict, start_step: int, last_step: int, device: torch.device):
+        self.step = self.start_step = start_step
+        self.last_step = last_step
+        self.consecutive = torch.tensor(float(saved["consecutive_nan"]), device=device)
+        self.nan_total = torch.tensor(float(saved["nan_steps"]), device=device)
+        self.t_log = time.perf_counter()
+        self.steps_since_log = 0
+
+    def checkpoint_state(self) -> dict[str, int]:
+        """What a checkpoint stores of the counters (host reads: at checkpoints only)."""
+        return {"nan_steps": int(self.nan_total.item()), "consecutive_nan": int(self.consecutive.item())}
+
+    def end_step(self, bad: torch.Tensor, grad_norm: torch.Tensor, log: MetricsLog, bar) -> None:
+        """After an optimizer step (``bad``: a device bool, the step was skipped as non-finite)."""
+        self.consecutive = torch.where(bad, self.consecutive + 1, torch.zeros_like(self.consecutive))
+        self.nan_total = self.nan_total + bad.float()
+        log.add({"grad_norm": grad_norm.detach()})
+        self.step += 1
+        self.steps_since_log += 1
+        bar.update(1)
+
+    def report_if_due(self, log: MetricsLog, bar, config: Config, *, lr, pairs_per_step: int, skipped_rows,
+                      save) -> None:
+        """At a logging step (the first of this invocation, every ``log_every``, the last) — the only host reads
+        of the loop: flush the metrics, update the bar, and stop the run — with a checkpoint — after
+        ``train.max_nan_steps`` consecutive non-finite steps. ``lr`` and ``skipped_rows`` are called only then."""
+        step = self.step
+        if not (step == self.start_step + 1 or step % config.train.log_every == 0 or step == self.last_step):
+            return
+        now = time.perf_counter()
+        row = log.flush(step, {"lr": lr(), "pairs_per_s": self.steps_since_log * pairs_per_step /
+                               max(now - self.t_log, 1e-9),
+                               "nan_steps": float(self.nan_total.item()), "skipped_rows": float(skipped_rows())})
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
+        if self.consecutive.item() >= config.train.max_nan_steps:
+            path = save(step)
+            raise NonFiniteLossError(
+                f"{int(self.consecutive.item())} consecutive optimizer steps had a non-finite loss or gradient "
+                f"(train.max_nan_steps = {config.train.max_nan_steps}); stopped at step {step} with a "
+                f"checkpoint in {path}. Lower the learning rate or check the data.")
+        self.t_log, self.steps_since_log = now, 0
+
+    def checkpoint_due(self, config: Config) -> bool:
+        """A periodic checkpoint (the final one is written after the loop)."""
+        every = config.train.checkpoint_every
+        return bool(every) and self.step % every == 0 and self.step < self.last_step
 
 
 def train(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
@@ -185,25 +221,20 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     log = MetricsLog(out_dir, start_step)
     grids = ValidationGrids(config, out_dir, device)
     fused_skip = getattr(optimizer, "_step_supports_amp_scaling", False) and scaler is None
-    consecutive = torch.tensor(float(state["consecutive_nan"]), device=device)
-    nan_total = torch.tensor(float(state["nan_steps"]), device=device)
     batches = stream.batches(start_step * config.train.grad_accum)
     last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
+    counter = StepCounter(state, start_step, last_step, device)
     bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step", disable=not config.train.progress,
                desc=f"{config.method.name} {'lora' if models.lora else 'full'}")
-    t_log = time.perf_counter()
-    steps_since_log = 0
-    step = start_step
 
     def save(step_now: int) -> Path:
         return ckpt.save_checkpoint(
             out_dir, step_now, trainable=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-            state={"nan_steps": int(nan_total.item()), "consecutive_nan": int(consecutive.item()),
-                   "method": config.method.name, "lora": models.lora},
+            state={**counter.checkpoint_state(), "method": config.method.name, "lora": models.lora},
             keep_last=config.train.keep_last)
 
     try:
-        while step < last_step:
+        while counter.step < last_step:
             optimizer.zero_grad(set_to_none=True)
             bad = torch.zeros((), dtype=torch.bool, device=device)
             for _ in range(config.train.grad_accum):
@@ -231,22 +262,15 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
                 optimizer.step()
             lr_scheduler.step()
             models.refresh_inversion_copy()
-            consecutive = torch.where(bad, consecutive + 1, torch.zeros_like(consecutive))
-            nan_total = nan_total + bad.float()
-            log.add({"grad_norm": grad_norm.detach()})
-            step += 1
-            steps_since_log += 1
-            bar.update(1)
-
-            if step == start_step + 1 or step % config.train.log_every == 0 or step == last_step:
-                t_log = report_step(log, bar, config, step, lr=lr_scheduler.get_last_lr()[0],
-                                    pairs=steps_since_log * pairs_per_step, t_log=t_log, nan_total=nan_total,
-                                    consecutive=consecutive, skipped_rows=sum(stream.skipped.values()), save=save)
-                steps_since_log = 0
-            if config.train.sample_every and step % config.train.sample_every == 0:
-                grids(step, models.unet)
-            if config.train.checkpoint_every and step % config.train.checkpoint_every == 0 and step < last_step:
-                save(step)
+            counter.end_step(bad, grad_norm, log, bar)
+            counter.report_if_due(log, bar, config, lr=lambda: lr_scheduler.get_last_lr()[0],
+                                  pairs_per_step=pairs_per_step, skipped_rows=lambda: sum(stream.skipped.values()),
+                                  save=save)
+            if config.train.sample_every and counter.step % config.train.sample_every == 0:
+                grids(counter.step, models.unet)
+            if counter.checkpoint_due(config):
+                save(counter.step)
+        step = counter.step
         final = save(step)
     finally:
         bar.close()
