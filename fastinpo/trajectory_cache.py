@@ -162,10 +162,8 @@ class TrajectoryCache:
 
 
 def open_for_run(config, stream, training_models, schedule, device: torch.device) -> TrajectoryCache:
-    """The trainer's cache for this config (refused if the config cannot use one, or the folder is stale)."""
-    problems = cache_validity_problems(config)
-    if problems:
-        raise ValueError("invalid config:\n  " + "\n  ".join(problems))
+    """The trainer's cache for this (validated: :func:`cache_validity_problems` is part of ``Config.validate``)
+    config; a folder made for another setup is refused."""
     sig = trajectory_signature(config, data_signature=stream.data_signature,
                                reference=reference_fingerprint(training_models), schedule=schedule,
                                device_type=device.type)
