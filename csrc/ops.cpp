@@ -116,6 +116,11 @@ void check_table_args(const at::Tensor& x, const at::Tensor& table, const at::Te
                     alpha_init);
 }
 
+void check_alpha_args(const at::Tensor& x, const at::Tensor& alpha_from, const at::Tensor& alpha_to) {
+  check_vector("alpha_from", alpha_from, x, at::kFloat);
+  check_vector("alpha_to", alpha_to, x, at::kFloat);
+}
+
 at::Tensor contiguous_or_null(const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); }
 
 template <typename T>
@@ -219,8 +224,7 @@ at::Tensor step_alphas(const at::Tensor& x, const at::Tensor& eps, const at::Ten
                        const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_scale,
                        std::optional<double> cfg_scale) {
   check_data(x, eps, active, noise, noise_scale, cfg_scale);
-  check_vector("alpha_from", alpha_from, x, at::kFloat);
-  check_vector("alpha_to", alpha_to, x, at::kFloat);
+  check_alpha_args(x, alpha_from, alpha_to);
   Prepared r = prepare(x, eps, active, noise, noise_scale, cfg_scale);
   const at::Tensor af = alpha_from.contiguous();
   const at::Tensor at_ = alpha_to.contiguous();
@@ -249,8 +253,7 @@ at::Tensor step_alphas_meta(const at::Tensor& x, const at::Tensor& eps, const at
                             const std::optional<at::Tensor>& noise, const std::optional<at::Tensor>& noise_scale,
                             std::optional<double> cfg_scale) {
   check_data(x, eps, active, noise, noise_scale, cfg_scale);
-  check_vector("alpha_from", alpha_from, x, at::kFloat);
-  check_vector("alpha_to", alpha_to, x, at::kFloat);
+  check_alpha_args(x, alpha_from, alpha_to);
   return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
 }
 
