@@ -36,8 +36,9 @@ import sys
 
 import torch
 
-from fastinpo import extension, inpo_invert, reference
-from fastinpo.schedule import NoiseSchedule, inpo_grid
+from fastinpo import inpo_invert
+from fastinpo.ops import extension, reference
+from fastinpo.ops.schedule import NoiseSchedule, inpo_grid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

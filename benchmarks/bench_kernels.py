@@ -38,8 +38,8 @@ import time
 import torch
 import torch._dynamo
 
-from fastinpo import reference
-from fastinpo.schedule import NoiseSchedule, gather_alphas
+from fastinpo.ops import reference
+from fastinpo.ops.schedule import NoiseSchedule, gather_alphas
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)

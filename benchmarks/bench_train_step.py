@@ -198,8 +198,8 @@ def real_size_pipeline(arch: str, out_dir: str, resolution: int) -> str:
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from fastinpo.models import write_clip_tokenizer
-    from fastinpo.schedule import SD_SCHEDULER_CONFIG
+    from fastinpo.models.sd import write_clip_tokenizer
+    from fastinpo.ops.schedule import SD_SCHEDULER_CONFIG
 
     torch.manual_seed(0)
     base = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
@@ -223,7 +223,7 @@ def real_size_pipeline(arch: str, out_dir: str, resolution: int) -> str:
 
 
 def make_pipeline(model: str, work: str, resolution: int) -> str:
-    from fastinpo.models import make_tiny_pipeline
+    from fastinpo.models.sd import make_tiny_pipeline
 
     folder = os.path.join(work, model)
     if model in ("tiny-sdxl", "tiny-sd15"):
@@ -256,7 +256,7 @@ class Data:
 
 
 def make_data(encoder, pairs: int, resolution: int, device: torch.device, n_batches: int = 4, seed: int = 0) -> Data:
-    from fastinpo.batch import RawBatch
+    from fastinpo.data.batch import RawBatch
 
     g = torch.Generator().manual_seed(seed)
     raw, encoded = [], []
@@ -279,7 +279,7 @@ def ddim_step_backend(use_ext: bool | None):
     """``None``: the dispatcher's automatic choice, as the trainer runs (the extension's fused inversion step where
     it is built); ``False``: the extension kept out of the automatic choice (the eager step), restoring the
     registry afterwards."""
-    from fastinpo import dispatch
+    from fastinpo.ops import dispatch
 
     if use_ext is None:
         yield
@@ -298,7 +298,7 @@ def ddim_step_backend(use_ext: bool | None):
 def split_calls(fn, chunk: int):
     """A model callable that runs its batch in chunks of ``chunk`` rows (one UNet call per chunk): winners and
     losers — and the two CFG halves — in separate calls, as if nothing batched them."""
-    from fastinpo.inversion import select_cond
+    from fastinpo.ops.inversion import select_cond
 
     def call(x, t, cond):
         n = x.shape[0]
@@ -317,7 +317,7 @@ def padded_calls(fn, full: int):
     """A model callable that pads a no-grad call on fewer than ``full`` samples to ``full`` (repeating its first
     row) and drops the padding: every InPO inversion call then costs a whole-batch call — prefix batching off,
     same results."""
-    from fastinpo.inversion import select_cond
+    from fastinpo.ops.inversion import select_cond
 
     def call(x, t, cond):
         n = x.shape[0]
@@ -354,7 +354,7 @@ class Group:
         from benchmarks.reference import train_step as ref
         from fastinpo.config import load_config
         from fastinpo.methods import build_method
-        from fastinpo.schedule import NoiseSchedule
+        from fastinpo.ops.schedule import NoiseSchedule
         from fastinpo.train.models import build_models
 
         self.args, self.dev, self.method, self.lora, self.num_steps = args, dev, method, lora, num_steps
@@ -492,7 +492,7 @@ class Group:
         return step
 
     def cases(self) -> list[Case]:
-        from fastinpo import extension
+        from fastinpo.ops import extension
 
         cases = [Case("reference", "reference", step=self.reference_step()),
                  Case("fastinpo", "fastinpo", step=self.fastinpo_step())]
@@ -533,7 +533,7 @@ class Group:
             cases.append(self._trajectory_cache_case())
             cases.append(self._trajectory_cache_case(grad_steps_per_call=4))
         if self.method in ("inpo", "inversion-dpo"):
-            from fastinpo import dispatch
+            from fastinpo.ops import dispatch
 
             chosen, _ = dispatch.resolve("ddim_inversion_step", self.config.method.loss_backend,
                                          (torch.empty(1, device=self.dev),))
@@ -607,7 +607,7 @@ class Group:
         """Inversion-DPO reading each pair's reference trajectory ε from an on-disk cache (filled untimed first:
         the steady state of every epoch after the first). The cache needs the posterior mean as z0 (the other
         cases draw a posterior sample: the same work, other values)."""
-        from fastinpo.trajectory_cache import TrajectoryCache
+        from fastinpo.data.trajectory_cache import TrajectoryCache
 
         config = copy.deepcopy(self.config)
         config.data.latent_sample = False
@@ -1179,7 +1179,7 @@ def run(args) -> int:
     peak = matmul_tflops(dev, timer)
     if peak:
         print(f"bf16 matmul rate (8192^3): {peak:.1f} TFLOP/s")
-    from fastinpo.models import Encoder, load_components
+    from fastinpo.models.sd import Encoder, load_components
 
     all_rows: list[dict] = []
     t_start = time.perf_counter()
@@ -1247,7 +1247,7 @@ def build_group(method: str, work_dir: str, *, lora: bool = False, pairs: int = 
                 seed: int = 0) -> Group:
     """One group's models, data and step functions outside :func:`run` (the pytest-benchmark suite uses it):
     ``group.fastinpo_step()`` and ``group.reference_step()`` return ``step(r)`` callables."""
-    from fastinpo.models import Encoder, load_components
+    from fastinpo.models.sd import Encoder, load_components
 
     args = add_arguments(argparse.ArgumentParser()).parse_args([])
     dev = torch.device(device or args.device)

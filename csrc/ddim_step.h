@@ -6,7 +6,7 @@
 // headers are not meant for device compilation), and the CPU kernel compiles in seconds instead of pulling
 // in all of ATen.
 //
-// The math (SPEC.md §3; fastinpo/reference.py is the reference):
+// The math (SPEC.md §3; fastinpo/ops/reference.py is the reference):
 //   e      = eps[i]                                  or, with CFG, u + g * (c - u) with u = eps[i], c = eps[n + i]
 //   x_next = sqrt(a_to) * (x - sqrt(1 - a_from) * e) / sqrt(a_from) + sqrt(1 - a_to) * e
 //          = c1 * x + c2 * e                         (c1, c2 per sample, computed once in double)

@@ -14,7 +14,7 @@
 //   ddim_inversion_step_alphas(Tensor x, Tensor eps, Tensor alpha_from, Tensor alpha_to, Tensor? active=None,
 //                              Tensor? noise=None, Tensor? noise_scale=None, float? cfg_scale=None) -> Tensor
 //     the same step with per-sample ᾱ values (n,) float32 instead of a table and levels (the signature of
-//     fastinpo.reference.ddim_inversion_step, which the dispatcher's "ext" backend implements).
+//     fastinpo.ops.reference.ddim_inversion_step, which the dispatcher's "ext" backend implements).
 //
 // Non-contiguous inputs are accepted (copied to contiguous first). Timesteps and alphas of inactive samples
 // are never read. On CPU the timestep range (and the alpha range of the _alphas variant) is checked;

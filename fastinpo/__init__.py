@@ -10,14 +10,14 @@ Public API (stable; all paired tensors are ``(2B, ...)``, winners first):
 Importing fastinpo needs neither a GPU, nor Triton, nor the compiled extension.
 """
 
-from fastinpo.inversion import (
+from fastinpo.ops.inversion import (
     InPOInversion,
     InversionDPOTrajectory,
     ddim_inversion_step,
     inpo_invert,
     inversion_dpo_trajectory,
 )
-from fastinpo.losses import (
+from fastinpo.ops.losses import (
     DiffusionDPOLoss,
     InversionDPOLoss,
     diffusion_dpo_loss,
@@ -25,8 +25,8 @@ from fastinpo.losses import (
     inversion_dpo_loss,
     sft_loss,
 )
-from fastinpo.outputs import DPOLossOutput
-from fastinpo.schedule import (
+from fastinpo.ops.outputs import DPOLossOutput
+from fastinpo.ops.schedule import (
     InPOGrid,
     InversionDPOGrid,
     NoiseSchedule,

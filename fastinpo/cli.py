@@ -50,9 +50,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
-    from fastinpo.cache import build_cache
-    from fastinpo.data import PickAPicDataset
-    from fastinpo.models import Encoder, load_components
+    from fastinpo.data.cache import build_cache
+    from fastinpo.data.pickapic import PickAPicDataset
+    from fastinpo.models.sd import Encoder, load_components
     from fastinpo.train.loop import pick_device
     from fastinpo.train.models import DTYPES
 
@@ -71,7 +71,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
-    from fastinpo.models import make_tiny_pipeline
+    from fastinpo.models.sd import make_tiny_pipeline
 
     out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution)
     print(f"tiny {args.arch} pipeline written to {out}")
@@ -81,7 +81,7 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
 def _cmd_make_tiny_data(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from fastinpo.data import synthetic_rows, write_pickapic_parquet
+    from fastinpo.data.pickapic import synthetic_rows, write_pickapic_parquet
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny_data)
 
-    from fastinpo import demo, evaluate, sampling
+    from fastinpo import demo
+    from fastinpo.eval import evaluate, sampling
 
     sampling.add_cli(sub)  # fastinpo sample
     evaluate.add_cli(sub)  # fastinpo eval

@@ -188,7 +188,7 @@ class Config:
             problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
                             f"{self.method.name!r}")
         if self.method.trajectory_cache_dir:
-            from fastinpo.trajectory_cache import cache_validity_problems
+            from fastinpo.data.trajectory_cache import cache_validity_problems
 
             problems += cache_validity_problems(self)
         if problems:

@@ -150,7 +150,7 @@ def to_chw(images: np.ndarray) -> torch.Tensor:
 def _png(img: np.ndarray) -> bytes:
     from PIL import Image
 
-    from fastinpo.data import encode_image
+    from fastinpo.data.pickapic import encode_image
 
     return encode_image(Image.fromarray(img), "PNG")
 
@@ -213,9 +213,9 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
     """Plain denoising training of the tiny UNet on the world, through the trainer's ``sft`` method: a Pick-a-Pic
     file whose pair i is (world image i, world image i+1) with image 0 the winner, so SFT's winners are exactly the
     world images. Returns the exported ``unet/`` folder."""
-    from fastinpo.cache import build_cache
-    from fastinpo.data import PickAPicDataset, write_pickapic_parquet
-    from fastinpo.models import Encoder, load_components
+    from fastinpo.data.cache import build_cache
+    from fastinpo.data.pickapic import PickAPicDataset, write_pickapic_parquet
+    from fastinpo.models.sd import Encoder, load_components
     from fastinpo.train import train
 
     data = work / "world-data"
@@ -242,13 +242,13 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
 
 
 def make_demo_pipeline(folder: Path, seed: int, channels: tuple[int, int] = (32, 64)) -> Path:
-    """The tiny SD1.5 pipeline of :func:`fastinpo.models.make_tiny_pipeline` (text encoder, tokenizer, scheduler)
+    """The tiny SD1.5 pipeline of :func:`fastinpo.models.sd.make_tiny_pipeline` (text encoder, tokenizer, scheduler)
     with a VAE that downsamples by 4 instead of 2 and a UNet sized for its 8×8×4 latents: a quarter of the UNet
     work per sample, which is what lets the demo train a real generator in a few CPU minutes. Saved in the
     standard diffusers layout, so the trainer and stock diffusers load it like a real model."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    from fastinpo.models import TINY_TEXT_DIM, make_tiny_pipeline, tiny_unet_config
+    from fastinpo.models.sd import TINY_TEXT_DIM, make_tiny_pipeline, tiny_unet_config
 
     make_tiny_pipeline(folder, "sd15", seed=seed, sample_size=RES)
     torch.manual_seed(seed)
@@ -289,13 +289,13 @@ class Sampler:
     """Deterministic DDIM sampling (η = 0) of a pipeline folder with any UNet weights, classifier-free guidance,
     and initial noise fixed per seed: the same (prompt, seed) starts every model from the same latent.
 
-    (A small stand-in for :mod:`fastinpo.sampling`; the stock diffusers scheduler built from the model's own
+    (A small stand-in for :mod:`fastinpo.eval.sampling`; the stock diffusers scheduler built from the model's own
     scheduler config, never the class defaults.)"""
 
     def __init__(self, folder: Path, steps: int, guidance_scale: float):
         from diffusers import DDIMScheduler, UNet2DConditionModel
 
-        from fastinpo.models import Encoder, load_components
+        from fastinpo.models.sd import Encoder, load_components
 
         comps = load_components(folder)
         self.encoder = Encoder(comps)
@@ -356,7 +356,7 @@ def make_pairs(sampler: Sampler, out: Path, s: DemoSettings, seed: int, progress
     from PIL import Image
     from tqdm.auto import tqdm
 
-    from fastinpo.data import encode_image, write_pickapic_parquet
+    from fastinpo.data.pickapic import encode_image, write_pickapic_parquet
 
     sampler.load(None)
     n = s.pair_prompts

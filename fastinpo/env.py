@@ -72,7 +72,8 @@ def backend_status() -> list[BackendStatus]:
 
 
 def report() -> dict:
-    from fastinpo import __version__, dispatch
+    from fastinpo import __version__
+    from fastinpo.ops import dispatch
 
     return {
         "fastinpo": __version__,

@@ -13,8 +13,8 @@ import time
 import torch
 
 import fastinpo
-from fastinpo.inversion import guided_eps, zero_uncond
-from fastinpo.models import tiny_cond, tiny_unet_config, unet_callable
+from fastinpo.models.sd import tiny_cond, tiny_unet_config, unet_callable
+from fastinpo.ops.inversion import guided_eps, zero_uncond
 
 
 def _grad_norm(module: torch.nn.Module) -> float:

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastinpo.outputs import DPOLossOutput
+from fastinpo.ops.outputs import DPOLossOutput
 
 #: input dtypes the kernels take (float64 stays on the reference: the kernels accumulate in float32)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

@@ -19,8 +19,8 @@ import triton
 import triton.language as tl
 from fastinpo.kernels import dpo_loss as _dl
 
-from fastinpo import reference
-from fastinpo.outputs import DPOLossOutput
+from fastinpo.ops import reference
+from fastinpo.ops.outputs import DPOLossOutput
 
 
 @triton.jit

@@ -1,4 +1,4 @@
-"""Registers the Triton implementations with the dispatcher (called by ``fastinpo.dispatch`` at first dispatch).
+"""Registers the Triton implementations with the dispatcher (called by ``fastinpo.ops.dispatch`` at first dispatch).
 
 This module must not import Triton: each implementation imports its kernel module on first call, so a process
 that never runs a Triton kernel never pays for importing it.
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import torch
 
-from fastinpo import dispatch
+from fastinpo.ops import dispatch
 
 
 def can_run(tensors: Sequence[torch.Tensor]) -> str | None:

@@ -34,7 +34,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def tiny_pipelines(tmp_path_factory):
     """Tiny random SD1.5 and SDXL pipelines on disk, written by `fastinpo make-tiny-pipeline`'s code path."""
-    from fastinpo.models import make_tiny_pipeline
+    from fastinpo.models.sd import make_tiny_pipeline
 
     root = tmp_path_factory.mktemp("pipelines")
     return {arch: make_tiny_pipeline(root / arch, arch, seed=0, sample_size=32) for arch in ("sd15", "sdxl")}
@@ -43,7 +43,7 @@ def tiny_pipelines(tmp_path_factory):
 @pytest.fixture(scope="session")
 def pickapic_dir(tmp_path_factory):
     """A Pick-a-Pic-format parquet folder of synthetic pairs (with ties, which the trainer drops)."""
-    from fastinpo.data import synthetic_rows, write_pickapic_parquet
+    from fastinpo.data.pickapic import synthetic_rows, write_pickapic_parquet
 
     root = tmp_path_factory.mktemp("pickapic")
     write_pickapic_parquet(root / "train-00000.parquet", synthetic_rows(10, 40, seed=0))
@@ -57,8 +57,8 @@ def moved_sd15_models(tiny_pipelines):
     import copy
 
     from fastinpo.methods.base import Models
-    from fastinpo.models import load_components, unet_callable
-    from fastinpo.schedule import NoiseSchedule
+    from fastinpo.models.sd import load_components, unet_callable
+    from fastinpo.ops.schedule import NoiseSchedule
 
     comps = load_components(tiny_pipelines["sd15"], load_vae=False, load_text=False)
     policy_unet = comps.unet

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import fastinpo
-from fastinpo import dispatch
+from fastinpo.ops import dispatch
 from tests.conftest import randn
 
 X = torch.randn(4, 3, 5, 5)

@@ -15,8 +15,8 @@ from benchmarks.reference import train_step as ref
 from fastinpo.config import load_config
 from fastinpo.methods import build_method
 from fastinpo.methods.base import PairRandomness, StepInputs
-from fastinpo.models import Encoder, load_components
-from fastinpo.schedule import NoiseSchedule, inpo_grid
+from fastinpo.models.sd import Encoder, load_components
+from fastinpo.ops.schedule import NoiseSchedule, inpo_grid
 from fastinpo.train.models import build_models
 from tests.tolerances import FLOAT32_RTOL, assert_close_fp32
 

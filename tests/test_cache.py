@@ -11,8 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastinpo.batch import collate_encoded, collate_raw
-from fastinpo.cache import (
+from fastinpo.data.batch import collate_encoded, collate_raw
+from fastinpo.data.cache import (
     CachedPairDataset,
     StaleCacheError,
     build_cache,
@@ -20,13 +20,13 @@ from fastinpo.cache import (
     expected_cache_signature,
     read_manifest,
 )
-from fastinpo.data import PickAPicDataset, row_hash, synthetic_rows, write_pickapic_parquet
+from fastinpo.data.pickapic import PickAPicDataset, row_hash, synthetic_rows, write_pickapic_parquet
 
 R = 32
 
 
 class FakeEncoder:
-    """Deterministic stand-in for fastinpo.models.Encoder: same interface, counts its calls, can fail on cue."""
+    """Deterministic stand-in for fastinpo.models.sd.Encoder: same interface, counts its calls, can fail on cue."""
 
     scaling_factor = 0.5
 
@@ -249,7 +249,7 @@ def test_manifest_contents(tmp_path, data_dir):
 # ----------------------------------------------------------------------------------------------- real encoder
 @pytest.fixture(scope="module")
 def tiny_pipelines(tmp_path_factory):
-    from fastinpo import models
+    from fastinpo.models import sd as models
 
     root = tmp_path_factory.mktemp("pipes")
     return {arch: models.make_tiny_pipeline(root / arch, arch=arch, sample_size=R) for arch in ("sd15", "sdxl")}
@@ -257,7 +257,7 @@ def tiny_pipelines(tmp_path_factory):
 
 @pytest.mark.parametrize("arch", ["sd15", "sdxl"])
 def test_end_to_end_with_tiny_pipeline(tmp_path, data_dir, tiny_pipelines, arch):
-    from fastinpo.models import Encoder, detect_arch, load_components, model_identity
+    from fastinpo.models.sd import Encoder, detect_arch, load_components, model_identity
 
     enc = Encoder(load_components(tiny_pipelines[arch], load_unet=False))
     ds = PickAPicDataset(data_dir, R)

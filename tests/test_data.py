@@ -12,9 +12,9 @@ import pytest
 import torch
 from PIL import Image
 
-import fastinpo.data as data_mod
-from fastinpo.batch import collate_raw
-from fastinpo.data import PickAPicDataset, encode_image, synthetic_rows, write_pickapic_parquet
+import fastinpo.data.pickapic as data_mod
+from fastinpo.data.batch import collate_raw
+from fastinpo.data.pickapic import PickAPicDataset, encode_image, synthetic_rows, write_pickapic_parquet
 
 R = 32
 

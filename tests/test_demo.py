@@ -58,7 +58,7 @@ def test_quick_demo_inpo_beats_base(quick_run):
 
 
 def test_quick_demo_pairs_pass_the_loader(quick_run):
-    from fastinpo.data import PickAPicDataset
+    from fastinpo.data.pickapic import PickAPicDataset
 
     out, report = quick_run
     pairs = report["seeds"][0]["pairs"]

@@ -81,10 +81,10 @@ def _inversion_check(spec: dict) -> dict:
     import copy
 
     from fastinpo.config import load_config
-    from fastinpo.inversion import inpo_invert
     from fastinpo.methods import build_method
-    from fastinpo.models import Encoder, load_components
-    from fastinpo.schedule import NoiseSchedule
+    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.ops.inversion import inpo_invert
+    from fastinpo.ops.schedule import NoiseSchedule
     from fastinpo.train.data_source import PairStream
     from fastinpo.train.distributed import build_engine, fill_deepspeed_config, init_distributed, load_preset
     from fastinpo.train.loop import make_step_inputs

@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from fastinpo import evaluate as ev
-from fastinpo.scorers import CallableScorer
+from fastinpo.eval import evaluate as ev
+from fastinpo.eval.scorers import CallableScorer
 from tests.tolerances import assert_close_fp32
 
 
@@ -133,8 +133,8 @@ def _cli(module, argv):
 
 
 def test_sample_then_eval_two_tiny_pipelines(tiny_pipelines, tmp_path, capsys):
-    from fastinpo import sampling
-    from fastinpo.models import make_tiny_pipeline
+    from fastinpo.eval import sampling
+    from fastinpo.models.sd import make_tiny_pipeline
     from tests.test_scorers import make_tiny_clip_folder
 
     model_b = make_tiny_pipeline(tmp_path / "sd15_seed1", "sd15", seed=1)

@@ -1,4 +1,4 @@
-"""The compiled extension fastinpo._C (issue 4): parity with fastinpo.reference, validation, dispatch, the
+"""The compiled extension fastinpo._C (issue 4): parity with fastinpo.ops.reference, validation, dispatch, the
 batched InPO inversion on the "ext" backend, torch.compile tracing, and an nvcc compile check of csrc/*.cu.
 
 Every number is compared with tests/tolerances.py: float32 against a float64 reference; fp16/bf16 against
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 import fastinpo
-from fastinpo import dispatch, extension, reference
-from fastinpo.schedule import NoiseSchedule, inpo_noise_sigma
+from fastinpo.ops import dispatch, extension, reference
+from fastinpo.ops.schedule import NoiseSchedule, inpo_noise_sigma
 from tests.conftest import randn
 from tests.tolerances import assert_close_fp32, assert_matches
 
@@ -48,7 +48,7 @@ def sched() -> NoiseSchedule:
 
 @pytest.fixture(autouse=True, scope="module")
 def _registered():
-    """Register "ext" for this module, and put the dispatcher back as it was afterwards: until fastinpo.dispatch
+    """Register "ext" for this module, and put the dispatcher back as it was afterwards: until fastinpo.ops.dispatch
     registers the extension itself, other test modules in the same session must see the dispatcher they expect."""
     impls = dispatch.implementations("ddim_inversion_step")
     before, was_registered = impls.get("ext"), extension._registered

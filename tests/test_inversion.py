@@ -8,9 +8,9 @@ import torch
 from diffusers import DDIMInverseScheduler
 
 import fastinpo
-from fastinpo import reference
-from fastinpo.inversion import concat_cond, select_cond, zero_uncond
-from fastinpo.schedule import SD_SCHEDULER_CONFIG, NoiseSchedule
+from fastinpo.ops import reference
+from fastinpo.ops.inversion import concat_cond, select_cond, zero_uncond
+from fastinpo.ops.schedule import SD_SCHEDULER_CONFIG, NoiseSchedule
 from tests.conftest import randn
 from tests.tolerances import assert_close_fp32, assert_matches
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fastinpo
-from fastinpo import reference
+from fastinpo.ops import reference
 from tests.conftest import randn
 from tests.tolerances import (
     GRADCHECK_ATOL,

@@ -8,7 +8,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from fastinpo.prompts import PromptItem, read_prompts
+from fastinpo.data.prompts import PromptItem, read_prompts
 
 
 def test_text(tmp_path):

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastinpo import sampling
+from fastinpo.eval import sampling
 
 STEPS = 2
 
@@ -19,7 +19,7 @@ STEPS = 2
 @pytest.fixture(scope="module")
 def sd15_other(tmp_path_factory):
     """A second tiny SD1.5 pipeline with other weights (seed 1): "another model"."""
-    from fastinpo.models import make_tiny_pipeline
+    from fastinpo.models.sd import make_tiny_pipeline
 
     return make_tiny_pipeline(tmp_path_factory.mktemp("sd15_other") / "sd15_b", "sd15", seed=1)
 

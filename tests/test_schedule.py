@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDIMInverseScheduler, DDIMScheduler
 
-from fastinpo.schedule import (
+from fastinpo.ops.schedule import (
     SD_SCHEDULER_CONFIG,
     NoiseSchedule,
     gather_alphas,

@@ -22,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from fastinpo import scorers as sc
+from fastinpo.eval import scorers as sc
 from tests.tolerances import assert_close_fp32
 
 EMBED = 16
@@ -91,7 +91,7 @@ def make_tiny_clip_folder(folder: Path):
     from transformers import CLIPConfig, CLIPModel
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-    from fastinpo.models import write_clip_tokenizer
+    from fastinpo.models.sd import write_clip_tokenizer
 
     torch.manual_seed(1)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=24, intermediate_size=48, num_hidden_layers=2,

@@ -215,7 +215,7 @@ def test_bad_configs_and_data_have_clear_messages(tiny_pipelines, pickapic_dir, 
         load_config(cfg)
     with pytest.raises(FileNotFoundError, match="missing"):
         train(_config(tmp_path, pickapic_dir, tmp_path / "o"))
-    from fastinpo.data import synthetic_rows, write_pickapic_parquet
+    from fastinpo.data.pickapic import synthetic_rows, write_pickapic_parquet
 
     bad = tmp_path / "ties-only"
     bad.mkdir()
@@ -242,8 +242,8 @@ def test_config_files_and_saved_config_roundtrip(tmp_path):
 
 
 def test_cache_is_used_and_stale_cache_refused(tiny_pipelines, pickapic_dir, tmp_path):
-    from fastinpo.cache import StaleCacheError
     from fastinpo.cli import main
+    from fastinpo.data.cache import StaleCacheError
 
     cache = tmp_path / "cache"
     cfg = tmp_path / "c.yaml"
@@ -307,7 +307,7 @@ def test_sigkill_during_checkpoint_write_resumes_from_previous(tiny_pipelines, p
 def test_inversion_copy_is_the_policy_refreshed_every_step(lora, tiny_pipelines, pickapic_dir, tmp_path):
     """method.inversion_copy: a float32 copy trains exactly like inverting with the policy itself (so the copy is
     refreshed after every step, adapters included); a bf16 copy trains, and holds the policy's current weights."""
-    from fastinpo.models import load_components
+    from fastinpo.models.sd import load_components
     from fastinpo.train.models import build_models
 
     extra = ["train.max_steps=3", "method.eta=0.1", "method.beta=100", *(["lora.rank=4"] if lora else [])]

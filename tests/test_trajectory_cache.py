@@ -8,11 +8,11 @@ import pytest
 import torch
 
 from fastinpo.config import MethodConfig, load_config
-from fastinpo.inversion import inversion_dpo_trajectory, replay_inversion_dpo_trajectory
+from fastinpo.data.trajectory_cache import StaleTrajectoryCacheError, TrajectoryCache
 from fastinpo.methods import build_method
 from fastinpo.methods.base import Models, PairRandomness, StepInputs
+from fastinpo.ops.inversion import inversion_dpo_trajectory, replay_inversion_dpo_trajectory
 from fastinpo.train import train
-from fastinpo.trajectory_cache import StaleTrajectoryCacheError, TrajectoryCache
 from tests.test_train import _config, _metrics, _weights
 from tests.tolerances import assert_close_fp32, assert_close_model_grad
 

@@ -9,8 +9,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 import fastinpo
-from fastinpo.inversion import guided_eps, zero_uncond
-from fastinpo.models import tiny_cond, tiny_unet_config, unet_callable
+from fastinpo.models.sd import tiny_cond, tiny_unet_config, unet_callable
+from fastinpo.ops.inversion import guided_eps, zero_uncond
 
 SD = fastinpo.NoiseSchedule.stable_diffusion()
 

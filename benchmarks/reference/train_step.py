@@ -35,7 +35,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from fastinpo.schedule import NoiseSchedule, inpo_grid, inversion_dpo_grid
+from fastinpo.ops.schedule import NoiseSchedule, inpo_grid, inversion_dpo_grid
 
 
 @dataclass

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from fastinpo.schedule import NoiseSchedule
+from fastinpo.ops.schedule import NoiseSchedule
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 

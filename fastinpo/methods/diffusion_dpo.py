@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from fastinpo.losses import diffusion_dpo_loss
 from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_metrics
 from fastinpo.methods.noising import noised_pairs
+from fastinpo.ops.losses import diffusion_dpo_loss
 
 
 class DiffusionDPO(Method):

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from fastinpo.inversion import inpo_invert
-from fastinpo.losses import diffusion_dpo_loss, inpo_target
 from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_metrics
+from fastinpo.ops.inversion import inpo_invert
+from fastinpo.ops.losses import diffusion_dpo_loss, inpo_target
 
 
 class InPO(Method):

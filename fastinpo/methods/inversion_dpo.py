@@ -12,7 +12,7 @@ kept, so this costs little memory) and ``grad_steps_per_call`` with grad. Fewer,
 where per-call overhead dominates (small models, small batches).
 
 The reference trajectory depends only on the frozen reference and the pair's fixed inputs, so with a
-:class:`fastinpo.trajectory_cache.TrajectoryCache` (``method.trajectory_cache_dir``) its ε is computed once per
+:class:`fastinpo.data.trajectory_cache.TrajectoryCache` (``method.trajectory_cache_dir``) its ε is computed once per
 pair and read back in later epochs; the latents are replayed from it with N elementwise steps.
 """
 
@@ -20,22 +20,22 @@ from __future__ import annotations
 
 import torch
 
-from fastinpo import reference as ref_ops
-from fastinpo.inversion import (
+from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_metrics
+from fastinpo.ops import reference as ref_ops
+from fastinpo.ops.inversion import (
     guided_eps,
     inversion_dpo_trajectory,
     replay_inversion_dpo_trajectory,
     tile_cond,
     zero_uncond,
 )
-from fastinpo.losses import inversion_dpo_loss
-from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_metrics
+from fastinpo.ops.losses import inversion_dpo_loss
 
 
 class InversionDPO(Method):
     name = "inversion-dpo"
     epsilon_only = "SPEC §4"
-    #: the on-disk reference-trajectory cache (:class:`fastinpo.trajectory_cache.TrajectoryCache`), set by the
+    #: the on-disk reference-trajectory cache (:class:`fastinpo.data.trajectory_cache.TrajectoryCache`), set by the
     #: trainer when ``method.trajectory_cache_dir`` is configured
     trajectory_cache = None
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from fastinpo.methods.base import PairRandomness
-from fastinpo.schedule import NoiseSchedule, forward_noise, velocity_target
+from fastinpo.ops.schedule import NoiseSchedule, forward_noise, velocity_target
 
 
 def noised_pairs(z0: torch.Tensor, t: torch.Tensor, schedule: NoiseSchedule, rng: PairRandomness,

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from fastinpo.inversion import slice_cond
-from fastinpo.losses import sft_loss
 from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs
 from fastinpo.methods.noising import noised_pairs
+from fastinpo.ops.inversion import slice_cond
+from fastinpo.ops.losses import sft_loss
 
 
 class SFT(Method):

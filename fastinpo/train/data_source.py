@@ -14,8 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fastinpo.batch import EncodedBatch, collate_encoded, collate_raw
 from fastinpo.config import Config
+from fastinpo.data.batch import EncodedBatch, collate_encoded, collate_raw
 
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
@@ -73,9 +73,9 @@ class PairStream:
 
     def __init__(self, config: Config, *, model_folder, device: torch.device, encoder=None,
                  rank: int = 0, world_size: int = 1):
-        from fastinpo.cache import CachedPairDataset, StaleCacheError, cache_matches, expected_cache_signature
-        from fastinpo.data import PickAPicDataset
-        from fastinpo.models import encoder_signature
+        from fastinpo.data.cache import CachedPairDataset, StaleCacheError, cache_matches, expected_cache_signature
+        from fastinpo.data.pickapic import PickAPicDataset
+        from fastinpo.models.sd import encoder_signature
 
         d = config.data
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size

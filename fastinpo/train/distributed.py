@@ -193,7 +193,7 @@ class InversionLockstep:
     up the difference with throw-away one-sample calls before its next policy or reference call."""
 
     def __init__(self, config: Config, schedule, env: DistEnv):
-        from fastinpo.schedule import inpo_grid
+        from fastinpo.ops.schedule import inpo_grid
 
         self.seed, self.B, self.env = config.train.seed, config.train.pairs_per_batch, env
         self.T = schedule.num_train_timesteps
@@ -212,7 +212,7 @@ class InversionLockstep:
         self.calls = 0
 
     def pad(self, forward, x, t, cond) -> None:
-        from fastinpo.inversion import slice_cond
+        from fastinpo.ops.inversion import slice_cond
 
         with torch.no_grad():
             while self.calls < self.expected:
@@ -468,8 +468,8 @@ def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: in
     from tqdm.auto import tqdm
 
     from fastinpo.methods import build_method
-    from fastinpo.models import Encoder, load_components
-    from fastinpo.schedule import NoiseSchedule
+    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.ops.schedule import NoiseSchedule
     from fastinpo.train import checkpoint as ckpt
     from fastinpo.train.data_source import PairStream
     from fastinpo.train.loop import MetricsLog, StepCounter, make_step_inputs

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import torch
 
-from fastinpo.batch import EncodedBatch
 from fastinpo.config import Config, save_config
+from fastinpo.data.batch import EncodedBatch
 from fastinpo.methods import build_method
 from fastinpo.methods.base import PairRandomness, StepInputs
-from fastinpo.schedule import NoiseSchedule
+from fastinpo.ops.schedule import NoiseSchedule
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train.data_source import PairStream
 from fastinpo.train.models import DTYPES, build_lr_scheduler, build_models, build_optimizer
@@ -175,7 +175,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     steps of this invocation (with a checkpoint), as an interruption would."""
     from tqdm.auto import tqdm
 
-    from fastinpo.models import Encoder, load_components
+    from fastinpo.models.sd import Encoder, load_components
 
     config.validate()
     if config.distributed.backend == "deepspeed":
@@ -197,7 +197,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder)
     models = build_models(config, components.unet, device)
     if config.method.trajectory_cache_dir:
-        from fastinpo.trajectory_cache import open_for_run
+        from fastinpo.data.trajectory_cache import open_for_run
 
         method.trajectory_cache = open_for_run(config, stream, models, schedule, device)
     pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum

@@ -21,7 +21,7 @@ class ValidationGrids:
         self.pipe = None
 
     def __call__(self, step: int, unet) -> Path:
-        from fastinpo.sampling import build_pipeline, contact_sheet, generate
+        from fastinpo.eval.sampling import build_pipeline, contact_sheet, generate
 
         if self.pipe is None:  # the VAE and text encoders are loaded only when a grid is first asked for
             self.pipe = build_pipeline(self.config.model.path, unet=unet, device=self.device)

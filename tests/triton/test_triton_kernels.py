@@ -16,8 +16,8 @@ import pytest
 import torch
 
 import fastinpo
-from fastinpo import dispatch, reference
-from fastinpo.schedule import NoiseSchedule, gather_alphas
+from fastinpo.ops import dispatch, reference
+from fastinpo.ops.schedule import NoiseSchedule, gather_alphas
 from tests.tolerances import FLOAT32_RTOL, assert_close_fp32, assert_matches
 
 pytestmark = pytest.mark.triton
@@ -459,7 +459,7 @@ def test_registry_automatic_choice_on_cpu_is_never_triton(monkeypatch):
     assert dispatch.resolve("diffusion_dpo_loss", None, (x, x, x))[0] == "reference"
     assert dispatch.resolve("inversion_dpo_loss", None, (x[None], x[None], a[:1]))[0] == "reference"
     # the step has a compiled C++ implementation: where fastinpo._C is built it is the automatic CPU choice
-    from fastinpo import extension
+    from fastinpo.ops import extension
 
     expected_step = "ext" if extension.load() is not None else "reference"
     assert dispatch.resolve("ddim_inversion_step", None, (x, x, a, a))[0] == expected_step

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fastinpo import checks
+from fastinpo.ops import checks
 
 #: The scheduler config shared by Stable Diffusion 1.5 and SDXL (the keys that matter for the math).
 SD_SCHEDULER_CONFIG: dict[str, Any] = {

@@ -58,7 +58,7 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from fastinpo.models import detect_arch
+    from fastinpo.models.sd import detect_arch
 
     folder = Path(model_folder)
     arch = detect_arch(folder)
@@ -198,12 +198,12 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
                progress: bool = True, sheet_max: int = 8) -> Path:
     """Sample every prompt with every seed and write the evaluation folder (see the module doc).
 
-    ``prompts``: a prompt file (any :func:`fastinpo.prompts.read_prompts` format) or a list of strings /
-    :class:`~fastinpo.prompts.PromptItem`. Images are numbered prompt-major: prompt 0 with each seed, then
+    ``prompts``: a prompt file (any :func:`fastinpo.data.prompts.read_prompts` format) or a list of strings /
+    :class:`~fastinpo.data.prompts.PromptItem`. Images are numbered prompt-major: prompt 0 with each seed, then
     prompt 1... The contact sheet shows the first ``sheet_max`` prompts x ``sheet_max`` seeds.
     """
     from fastinpo import __version__
-    from fastinpo.prompts import PromptItem, read_prompts
+    from fastinpo.data.prompts import PromptItem, read_prompts
 
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists() and not overwrite:

@@ -15,8 +15,15 @@ from typing import Any
 
 import torch
 
-from fastinpo import checks, dispatch, reference
-from fastinpo.schedule import InPOGrid, InversionDPOGrid, NoiseSchedule, inpo_grid, inpo_noise_sigma, inversion_dpo_grid
+from fastinpo.ops import checks, dispatch, reference
+from fastinpo.ops.schedule import (
+    InPOGrid,
+    InversionDPOGrid,
+    NoiseSchedule,
+    inpo_grid,
+    inpo_noise_sigma,
+    inversion_dpo_grid,
+)
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
 
@@ -394,7 +401,7 @@ def replay_inversion_dpo_trajectory(
     backend: str | None = None,
 ) -> InversionDPOTrajectory:
     """The trajectory of :func:`inversion_dpo_trajectory` rebuilt from its ε (e.g. read from the on-disk cache of
-    :mod:`fastinpo.trajectory_cache`) with N elementwise steps and no model call: ``x^(0) = z0``,
+    :mod:`fastinpo.data.trajectory_cache`) with N elementwise steps and no model call: ``x^(0) = z0``,
     ``x^(i+1) = step(x^(i), ref_eps[i], ...)``. Same steps, same backend, so the same latents.
 
     Args:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastinpo import checks, dispatch, reference
-from fastinpo.outputs import DPOLossOutput
+from fastinpo.ops import checks, dispatch, reference
+from fastinpo.ops.outputs import DPOLossOutput
 
 dispatch.register("diffusion_dpo_loss", "reference", reference.diffusion_dpo_loss)
 dispatch.register("inversion_dpo_loss", "reference", reference.inversion_dpo_loss)

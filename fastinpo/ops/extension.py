@@ -11,7 +11,7 @@ The extension registers two ops with torch's dispatcher (schemas and semantics: 
   levels looked up in the ᾱ table (negative source level -> ``alpha_init``, SPEC §3), inactive samples copied
   through, optional noise term and CFG combine (:func:`ddim_inversion_step_batched`);
 - ``torch.ops.fastinpo.ddim_inversion_step_alphas(x, eps, alpha_from, alpha_to, ...)``: the same step with
-  per-sample ᾱ values instead of a table, i.e. the signature of :func:`fastinpo.reference.ddim_inversion_step`;
+  per-sample ᾱ values instead of a table, i.e. the signature of :func:`fastinpo.ops.reference.ddim_inversion_step`;
   :func:`ddim_inversion_step_ext` (the dispatcher's ``"ext"`` implementation) calls it directly, with no
   per-call table to build.
 
@@ -104,7 +104,7 @@ def _ops():
 def ddim_inversion_step_ext(
     x: torch.Tensor, eps: torch.Tensor, alpha_from: torch.Tensor, alpha_to: torch.Tensor
 ) -> torch.Tensor:
-    """:func:`fastinpo.reference.ddim_inversion_step` on the extension (same signature, same result within the
+    """:func:`fastinpo.ops.reference.ddim_inversion_step` on the extension (same signature, same result within the
     float32 tolerance): ``x_next = sqrt(a_to) (x - sqrt(1 - a_from) eps) / sqrt(a_from) + sqrt(1 - a_to) eps``.
 
     ``alpha_from``, ``alpha_to``: ``(n,)`` per-sample ᾱ in (0, 1], any floating dtype (read as float32). If ``x``
@@ -182,7 +182,7 @@ def register() -> None:
     global _registered
     if _registered:
         return
-    from fastinpo import dispatch
+    from fastinpo.ops import dispatch
 
     dispatch.register("ddim_inversion_step", "ext", ddim_inversion_step_ext, can_run)
     _registered = True

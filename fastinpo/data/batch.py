@@ -5,7 +5,7 @@ layout (winners first, then losers, along dim 0). Two kinds of records:
 
 - :class:`RawPair` — decoded, preprocessed pixels and the caption (no model has run yet);
 - :class:`EncodedPair` — the VAE posterior and the text embeddings (from the cache, or from
-  :class:`fastinpo.models.Encoder` on the fly).
+  :class:`fastinpo.models.sd.Encoder` on the fly).
 
 The trainer turns an :class:`EncodedBatch` into ``z0`` (a fresh posterior sample per step, SPEC §1) and the
 UNet conditioning, applying caption dropout per pair with the encoded empty caption.

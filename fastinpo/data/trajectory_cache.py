@@ -14,7 +14,7 @@ Layout::
     000000/000000042.safetensors     source row 42: ``ref_eps`` ``(N, 2, C, h, w)`` float32, winner first
 
 Only ε is stored: the trajectory's latents are replayed from ``z0`` and ε with N elementwise DDIM steps
-(:func:`fastinpo.inversion.replay_inversion_dpo_trajectory`), the same steps that made them, so they come back
+(:func:`fastinpo.ops.inversion.replay_inversion_dpo_trajectory`), the same steps that made them, so they come back
 bit for bit while the cache is half the size. Size per pair: ``N * 2 * C * h * w * 4`` bytes — SDXL at 1024²
 with N = 40: 20 MiB; SD1.5 at 512²: 5 MiB. Every file is written to a temporary name and renamed into place, so a
 crash leaves either a whole entry or none, and a resumed run reads exactly what the interrupted one computed.
@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from fastinpo.cache import StaleCacheError
+from fastinpo.data.cache import StaleCacheError
 
 TRAJECTORY_FORMAT_VERSION = 1
 SIGNATURE_FILE = "trajectory_cache.json"

@@ -13,7 +13,7 @@ tensors raises ``ValueError`` naming what is available. The automatic choice onl
 reports it can run; it never falls back silently after a named request.
 
 Fast paths register themselves with :func:`register`; the reference backend of every op is registered by the
-module that defines the op (``fastinpo.losses``, ``fastinpo.inversion``). Registration is lazy for the fast
+module that defines the op (``fastinpo.ops.losses``, ``fastinpo.ops.inversion``). Registration is lazy for the fast
 paths: importing fastinpo never imports Triton or the compiled extension (house rule 3).
 """
 
@@ -164,10 +164,10 @@ register_lazy_loader(_load_triton_backend)
 
 
 def _load_extension_backend() -> None:
-    """Register the C++/CUDA extension's implementations. ``fastinpo.extension`` imports the compiled
+    """Register the C++/CUDA extension's implementations. ``fastinpo.ops.extension`` imports the compiled
     ``fastinpo._C`` only when asked whether it can run, and registers even when it is not built, so that
     ``backend="ext"`` says why it cannot run instead of "not implemented"."""
-    importlib.import_module("fastinpo.extension").register()
+    importlib.import_module("fastinpo.ops.extension").register()
 
 
 register_lazy_loader(_load_extension_backend)

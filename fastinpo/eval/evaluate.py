@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from fastinpo.scorers import SCORER_NAMES, Scorer
+from fastinpo.eval.scorers import SCORER_NAMES, Scorer
 
 
 # ----------------------------------------------------------------------------------------------- statistics
@@ -301,7 +301,7 @@ def _import_reward(spec: str) -> tuple[str, Scorer]:
     """``NAME=module:function`` -> a CallableScorer of ``function(images, prompts)``."""
     import importlib
 
-    from fastinpo.scorers import CallableScorer
+    from fastinpo.eval.scorers import CallableScorer
 
     name, sep, target = spec.partition("=")
     mod_name, sep2, attr = target.partition(":")
@@ -315,8 +315,8 @@ def _import_reward(spec: str) -> tuple[str, Scorer]:
 
 def build_scorers(args: argparse.Namespace) -> tuple[dict[str, Scorer], dict[str, str]]:
     """The scorers whose weights the arguments give, and the others with the reason they do not run."""
-    from fastinpo import scorers as sc
-    from fastinpo.sampling import resolve_device
+    from fastinpo.eval import scorers as sc
+    from fastinpo.eval.sampling import resolve_device
 
     device = resolve_device(args.device)
     kw = {"device": device, "batch_size": args.batch_size}

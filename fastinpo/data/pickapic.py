@@ -2,7 +2,7 @@
 
 :class:`PickAPicDataset` reads a local directory of parquet files (the format Pick-a-Pic v2 is published in) or a
 ``datasets`` ``save_to_disk`` folder, with the columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
-bytes) and ``label_0``/``label_1`` (float, 1 = preferred), and yields :class:`fastinpo.batch.RawPair` records
+bytes) and ``label_0``/``label_1`` (float, 1 = preferred), and yields :class:`fastinpo.data.batch.RawPair` records
 (winner first).
 
 Row semantics (SPEC §1):
@@ -50,7 +50,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-from fastinpo.batch import RawPair
+from fastinpo.data.batch import RawPair
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 # label_1 is read when present (Pick-a-Pic has it) to catch rows whose two labels contradict each other.

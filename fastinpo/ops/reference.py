@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from fastinpo.outputs import DPOLossOutput
+from fastinpo.ops.outputs import DPOLossOutput
 
 
 def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:

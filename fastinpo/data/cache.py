@@ -12,7 +12,7 @@ A shard holds, for its n usable pairs (winner first along dim 1):
 ``scaling_factor``: training still draws a fresh sample each step, SPEC §1), ``prompt_embeds`` ``(n, L, D)`` and
 ``pooled_embeds`` ``(n, P)`` in the embed dtype, ``time_ids`` ``(n, 2, 6)`` float32 (SDXL), ``rows`` ``(n,)``
 int64 (source row indices) and ``row_hash`` ``(n, 32)`` uint8 (sha256 of each source row's caption, image bytes
-and labels, :func:`fastinpo.data.row_hash`).
+and labels, :func:`fastinpo.data.pickapic.row_hash`).
 
 ``manifest.json`` records the cache signature (:func:`expected_cache_signature`: model identity, arch,
 preprocessing options, embed dtype, a fingerprint of the source data), the build options, and one entry per
@@ -43,7 +43,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fastinpo.batch import EncodedPair, collate_raw
+from fastinpo.data.batch import EncodedPair, collate_raw
 
 CACHE_FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -75,9 +75,9 @@ def expected_cache_signature(dataset, encoder, embed_dtype: torch.dtype | str = 
     """Everything a cached pair depends on. ``build_cache`` writes it and the trainer compares it with the
     manifest: one function so the two cannot drift.
 
-    ``dataset`` is a :class:`fastinpo.data.PickAPicDataset` (its preprocessing options and a fingerprint of the
+    ``dataset`` is a :class:`fastinpo.data.pickapic.PickAPicDataset` (its preprocessing options and a fingerprint of the
     source files and of the caption/label columns it indexed); ``encoder`` anything with ``identity`` and ``arch``:
-    a :class:`fastinpo.models.Encoder`, or, to check a cache without loading the models, e.g.
+    a :class:`fastinpo.models.sd.Encoder`, or, to check a cache without loading the models, e.g.
     ``SimpleNamespace(identity=models.model_identity(folder), arch=models.detect_arch(folder))``. (The VAE's
     ``scaling_factor`` is covered by the identity, which hashes the VAE config.)"""
     sig = {
@@ -374,7 +374,7 @@ def cache_matches(cache_dir: str | os.PathLike, expect: dict) -> tuple[bool, lis
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
-    """The pairs of a complete cache as :class:`fastinpo.batch.EncodedPair` (embeddings back in float32).
+    """The pairs of a complete cache as :class:`fastinpo.data.batch.EncodedPair` (embeddings back in float32).
 
     ``expect`` is what the training config implies (:func:`expected_cache_signature`, or a subset of its keys);
     any mismatch or an incomplete cache raises :class:`StaleCacheError` naming each key.
@@ -449,7 +449,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
         return torch.cat([self._handle(k).get_tensor("rows") for k in range(len(self._files))])
 
     def row_hashes(self) -> list[str]:
-        """sha256 (hex) of every cached pair's source row, in order (see :func:`fastinpo.data.row_hash`)."""
+        """sha256 (hex) of every cached pair's source row, in order (see :func:`fastinpo.data.pickapic.row_hash`)."""
         out = []
         for k in range(len(self._files)):
             out += [bytes(r.tolist()).hex() for r in self._handle(k).get_tensor("row_hash")]

@@ -294,7 +294,7 @@ def open_clip_to_transformers(sd: dict[str, torch.Tensor], config: dict) -> Any:
 
 def _clip_tokenizer():
     """The standard CLIP tokenizer (BPE from the open-clip-torch wheel), as open_clip's models use."""
-    from fastinpo.models import write_clip_tokenizer
+    from fastinpo.models.sd import write_clip_tokenizer
 
     with tempfile.TemporaryDirectory() as d:
         return write_clip_tokenizer(d)

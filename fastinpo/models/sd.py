@@ -221,7 +221,7 @@ class Encoder:
 
     def encode_batch(self, raw, *, use_std: bool = True):
         """A :class:`fastinpo.batch.RawBatch` -> :class:`fastinpo.batch.EncodedBatch`."""
-        from fastinpo.batch import EncodedBatch
+        from fastinpo.data.batch import EncodedBatch
 
         mean, std = self.encode_images(raw.pixels)
         prompt, pooled = self.encode_text(raw.captions)
@@ -308,7 +308,7 @@ def make_tiny_pipeline(out_dir: str | Path, arch: str = "sdxl", *, seed: int = 0
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from fastinpo.schedule import SD_SCHEDULER_CONFIG
+    from fastinpo.ops.schedule import SD_SCHEDULER_CONFIG
 
     if arch not in ("sd15", "sdxl"):
         raise ValueError(f"arch must be 'sd15' or 'sdxl', got {arch!r}")
