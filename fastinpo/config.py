@@ -188,15 +188,36 @@ class Config:
             problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
                             f"{self.method.name!r}")
         if self.method.trajectory_cache_dir:
-            from fastinpo.data.trajectory_cache import cache_validity_problems
-
-            problems += cache_validity_problems(self)
+            problems += trajectory_cache_problems(self)
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def trajectory_cache_problems(config: Config) -> list[str]:
+    """Why a reference-trajectory cache (``method.trajectory_cache_dir``, :mod:`fastinpo.data.trajectory_cache`)
+    would be wrong for this config (empty: it is valid). Part of :meth:`Config.validate`; here, not beside the
+    cache, because the config is the bottom layer and imports nothing of fastinpo."""
+    d, m = config.data, config.method
+    problems = []
+    if m.name != "inversion-dpo":
+        problems.append(f"method.trajectory_cache_dir is for Inversion-DPO; method.name = {m.name!r}")
+    if d.caption_dropout != 0:
+        problems.append(f"method.trajectory_cache_dir needs data.caption_dropout = 0 (a dropped caption changes the "
+                        f"reference trajectory); it is {d.caption_dropout}")
+    if d.latent_sample:
+        problems.append("method.trajectory_cache_dir needs data.latent_sample = false (the trajectory starts at the "
+                        "posterior mean; a fresh posterior sample each step would make every cached entry wrong)")
+    if not d.center_crop or d.random_flip:
+        problems.append("method.trajectory_cache_dir needs data.center_crop = true and data.random_flip = false "
+                        "(a random crop or flip changes the pair's latents from epoch to epoch)")
+    if config.distributed.backend != "none":
+        problems.append("method.trajectory_cache_dir is not supported with distributed.backend = 'deepspeed' yet "
+                        "(the reference weights' fingerprint would need a gather of the sharded reference)")
+    return problems
 
 
 # ----------------------------------------------------------------------------------------------- loading

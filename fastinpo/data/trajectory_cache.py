@@ -5,7 +5,8 @@ expensive part of an Inversion-DPO step after the policy) is the same every epoc
 the same every epoch. That holds only when the latents are the VAE posterior mean (``data.latent_sample =
 false``), no caption is dropped (``data.caption_dropout = 0``, as the official Inversion-DPO recipe) and the
 images are not randomly cropped or flipped (``data.center_crop = true``, ``data.random_flip = false``).
-:func:`cache_validity_problems` refuses any other config, and the cache records these settings.
+``Config.validate`` refuses any other config (:func:`fastinpo.config.trajectory_cache_problems`), and the cache
+records these settings.
 
 Layout::
 
@@ -41,27 +42,6 @@ SIGNATURE_FILE = "trajectory_cache.json"
 
 class StaleTrajectoryCacheError(StaleCacheError):
     """The trajectory cache folder was made for another reference, data, schedule or grid."""
-
-
-def cache_validity_problems(config) -> list[str]:
-    """Why a reference-trajectory cache would be wrong for this config (empty: it is valid)."""
-    d, m = config.data, config.method
-    problems = []
-    if m.name != "inversion-dpo":
-        problems.append(f"method.trajectory_cache_dir is for Inversion-DPO; method.name = {m.name!r}")
-    if d.caption_dropout != 0:
-        problems.append(f"method.trajectory_cache_dir needs data.caption_dropout = 0 (a dropped caption changes the "
-                        f"reference trajectory); it is {d.caption_dropout}")
-    if d.latent_sample:
-        problems.append("method.trajectory_cache_dir needs data.latent_sample = false (the trajectory starts at the "
-                        "posterior mean; a fresh posterior sample each step would make every cached entry wrong)")
-    if not d.center_crop or d.random_flip:
-        problems.append("method.trajectory_cache_dir needs data.center_crop = true and data.random_flip = false "
-                        "(a random crop or flip changes the pair's latents from epoch to epoch)")
-    if config.distributed.backend != "none":
-        problems.append("method.trajectory_cache_dir is not supported with distributed.backend = 'deepspeed' yet "
-                        "(the reference weights' fingerprint would need a gather of the sharded reference)")
-    return problems
 
 
 def weights_fingerprint(named_tensors) -> str:
@@ -162,8 +142,8 @@ class TrajectoryCache:
 
 
 def open_for_run(config, stream, training_models, schedule, device: torch.device) -> TrajectoryCache:
-    """The trainer's cache for this (validated: :func:`cache_validity_problems` is part of ``Config.validate``)
-    config; a folder made for another setup is refused."""
+    """The trainer's cache for this config (validated: :func:`fastinpo.config.trajectory_cache_problems` is part of
+    ``Config.validate``); a folder made for another setup is refused."""
     sig = trajectory_signature(config, data_signature=stream.data_signature,
                                reference=reference_fingerprint(training_models), schedule=schedule,
                                device_type=device.type)
