@@ -4,3 +4,5 @@ schedules and grids (``schedule``), the loader of the compiled extension (``exte
 (``outputs``) and input checks (``checks``). The public API re-exports these from ``fastinpo``.
 
 Layer rule (docs/ARCHITECTURE.md): ``fastinpo.ops`` imports nothing of fastinpo above it."""
+
+from fastinpo.ops import backends  # noqa: F401  (adds the dispatcher's lazy loaders of the fast paths)

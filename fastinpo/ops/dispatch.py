@@ -14,13 +14,13 @@ reports it can run; it never falls back silently after a named request.
 
 Fast paths register themselves with :func:`register`; the reference backend of every op is registered by the
 module that defines the op (``fastinpo.ops.losses``, ``fastinpo.ops.inversion``). Registration is lazy for the fast
-paths: importing fastinpo never imports Triton or the compiled extension (house rule 3).
+paths: :mod:`fastinpo.ops.backends` adds the loaders (:func:`register_lazy_loader`) that run at the first dispatch,
+so importing fastinpo never imports Triton or the compiled extension (house rule 3), and this module names no
+backend module: they import it, never the other way round.
 """
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -141,33 +141,3 @@ def registered() -> dict[str, list[str]]:
     """``{op: [backend, ...]}`` for every op (after loading the lazy fast paths)."""
     _load_lazy()
     return {op: [b for b in KNOWN_BACKENDS if b in impls] for op, impls in sorted(_REGISTRY.items())}
-
-
-def _load_triton_backend() -> None:
-    """Register the Triton implementations, if Triton is installed and the kernels exist.
-
-    ``fastinpo.kernels.registry.register()`` must not import Triton itself: each implementation imports its
-    kernel module when first called, so a CPU-only process that never asks for Triton never pays for it.
-    """
-    if importlib.util.find_spec("triton") is None:
-        return
-    try:
-        registry = importlib.import_module("fastinpo.kernels.registry")
-    except ModuleNotFoundError as err:
-        if err.name != "fastinpo.kernels.registry":  # a real import error inside our kernels: never hide it
-            raise
-        return
-    registry.register()
-
-
-register_lazy_loader(_load_triton_backend)
-
-
-def _load_extension_backend() -> None:
-    """Register the C++/CUDA extension's implementations. ``fastinpo.ops.extension`` imports the compiled
-    ``fastinpo._C`` only when asked whether it can run, and registers even when it is not built, so that
-    ``backend="ext"`` says why it cannot run instead of "not implemented"."""
-    importlib.import_module("fastinpo.ops.extension").register()
-
-
-register_lazy_loader(_load_extension_backend)
