@@ -86,7 +86,7 @@ def _inversion_check(spec: dict) -> dict:
     from fastinpo.ops.inversion import inpo_invert
     from fastinpo.ops.schedule import NoiseSchedule
     from fastinpo.train.data_source import PairStream
-    from fastinpo.train.distributed import build_engine, fill_deepspeed_config, init_distributed, load_preset
+    from fastinpo.train.engine_deepspeed import build_engine, fill_deepspeed_config, init_distributed, load_preset
     from fastinpo.train.loop import make_step_inputs
     from fastinpo.train.models import _unet_forward
 
@@ -240,7 +240,7 @@ def test_config_is_filled_from_the_trainer_config(setup):
     """Batch sizes, accumulation, clipping, optimizer and precision come from the trainer config; a preset that
     says otherwise is refused, naming the key."""
     from fastinpo.config import load_config
-    from fastinpo.train.distributed import fill_deepspeed_config, load_preset
+    from fastinpo.train.engine_deepspeed import fill_deepspeed_config, load_preset
 
     config = load_config(None, [*_ds("p", "d", "o", "inpo", "zero3"), "train.grad_accum=4",
                                 "train.mixed_precision=bf16", "optim.scale_lr=true"])

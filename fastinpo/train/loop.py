@@ -179,7 +179,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
 
     config.validate()
     if config.distributed.backend == "deepspeed":
-        from fastinpo.train.distributed import train_deepspeed
+        from fastinpo.train.engine_deepspeed import train_deepspeed
 
         return train_deepspeed(config, resume=resume, stop_after=stop_after)
     out_dir = Path(config.train.output_dir)
