@@ -53,7 +53,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from fastinpo.data.cache import build_cache
     from fastinpo.data.pickapic import PickAPicDataset
     from fastinpo.models.sd import Encoder, load_components
-    from fastinpo.train.loop import pick_device
+    from fastinpo.train.engine import pick_device
     from fastinpo.train.models import DTYPES
 
     config = _load(args)

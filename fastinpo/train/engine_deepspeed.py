@@ -1,8 +1,11 @@
-"""``fastinpo train`` under DeepSpeed ZeRO (``distributed.backend = "deepspeed"``), one process per GPU.
+"""The DeepSpeed ZeRO engine (``distributed.backend = "deepspeed"``) of ``fastinpo train``, one process per GPU:
+:class:`DeepSpeedEngine`, the :class:`fastinpo.train.engine.Engine` the one training loop
+(:func:`fastinpo.train.loop.train`) runs over, and what it is made of (process group, DeepSpeed config, the
+sharded models, gathers).
 
 Launch with ``torchrun --nproc_per_node N -m fastinpo.cli train CONFIG`` (or the ``deepspeed`` launcher, or
-``accelerate launch``); rank and world size come from the environment. What differs from the one-process loop
-(:mod:`fastinpo.train.loop`), and why:
+``accelerate launch``); rank and world size come from the environment. What differs from the one-process engine
+(:mod:`fastinpo.train.engine_plain`), and why:
 
 - The DeepSpeed config is a preset (``configs/deepspeed/``) whose batch sizes, gradient accumulation, clipping,
   optimizer and precision are filled in from the trainer config; a preset value that contradicts it is an error,
@@ -33,8 +36,11 @@ from typing import Any
 
 import torch
 
-from fastinpo.config import Config, save_config
+from fastinpo.config import Config
 from fastinpo.methods.base import Models
+from fastinpo.models.export import export_policy
+from fastinpo.train import checkpoint as ckpt
+from fastinpo.train.engine import Engine
 from fastinpo.train.models import DTYPES, _unet_forward, build_lr_scheduler, make_inversion_copy, prepare_policy
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
@@ -389,179 +395,116 @@ def gathered_state_dict(models: DistributedModels, env: DistEnv, *, trainable_on
     return out if env.is_main else None
 
 
-def export(config: Config, models: DistributedModels, components, out: Path, env: DistEnv) -> Path:
-    """A consolidated diffusers ``unet/`` (full) or LoRA safetensors, loadable by a stock pipeline."""
-    state = gathered_state_dict(models, env, trainable_only=models.lora)
-    if env.is_main:
-        tmp = out.with_name(out.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        if models.lora:
-            from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-            from diffusers.utils import convert_state_dict_to_diffusers
-            from peft.utils import get_peft_model_state_dict
+# ----------------------------------------------------------------------------------------------- the engine
+class DeepSpeedEngine(Engine):
+    """:class:`fastinpo.train.engine.Engine` under DeepSpeed ZeRO (see the module docstring)."""
 
-            layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet, state_dict=state))
-            pipe_cls = StableDiffusionXLPipeline if components.arch == "sdxl" else StableDiffusionPipeline
-            pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
-        else:
-            from diffusers import UNet2DConditionModel
+    backend = "deepspeed"
 
-            unet = UNet2DConditionModel.from_config(models.unet.config)
-            unet.load_state_dict(state, strict=True)
-            unet.save_pretrained(tmp / "unet", safe_serialization=True)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    env.barrier()
-    return out
+    def __init__(self, config: Config):
+        if config.train.sample_every:
+            raise ValueError("train.sample_every (validation grids) is not supported with distributed.backend = "
+                             "'deepspeed' yet: sample from the exported weights or a checkpoint instead")
+        super().__init__(config)
+        self.env = init_distributed(config)
+        self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
+        self.ds = fill_deepspeed_config(config, load_preset(config.distributed.deepspeed_config), self.world_size)
 
+    @property
+    def label(self) -> str:
+        return f" x{self.world_size}"
 
-# ----------------------------------------------------------------------------------------------- checkpoints
-def save_checkpoint(out_dir: Path, step: int, models: DistributedModels, env: DistEnv, state: dict,
-                    keep_last: int) -> Path:
-    """Every rank writes its shards into one temporary folder; after a barrier rank 0 writes ``state.json`` and
-    renames it into place (the atomic contract of :mod:`fastinpo.train.checkpoint`)."""
-    from fastinpo.train import checkpoint as ckpt
+    def barrier(self) -> None:
+        self.env.barrier()
 
-    d = ckpt.checkpoint_dir(out_dir)
-    tmp = d / f".tmp-step-{step:08d}-ds"  # one name for all ranks (a pid would differ per rank)
-    if env.is_main:
-        d.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-    env.barrier()
-    # LoRA: the frozen base weights come from model.path on resume; saving them would multiply the size by ~100
-    models.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False, exclude_frozen_parameters=models.lora)
-    env.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
-    final = d / f"step-{step:08d}"
-    if env.is_main:
-        final = ckpt.commit_checkpoint(out_dir, tmp, step, state=state, keep_last=keep_last)
-    env.barrier()
-    return final
+    def wrap(self, unet, schedule, pairs_per_step: int) -> None:
+        # the optimizer and its learning rate (scaled by pairs_per_step with optim.scale_lr) are in self.ds
+        self.models = build_engine(self.config, unet, self.env, self.ds, schedule)
+        self.engine = self.models.engine
 
+    def write_settings(self, out_dir: Path) -> None:
+        (out_dir / "deepspeed_config.json").write_text(json.dumps(self.ds, indent=2))
 
-def load_checkpoint(path: Path, models: DistributedModels, config: Config, env: DistEnv) -> dict:
-    saved = json.loads((path / "state.json").read_text())
-    if saved.get("backend", "none") != "deepspeed":
-        raise ValueError(f"checkpoint {path} was written by a one-process run (distributed.backend = 'none'); "
-                         "resume it with that backend")
-    if saved.get("world_size") != env.world_size:
-        raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} ranks, this run has "
-                         f"{env.world_size}: ZeRO shards resume exactly only on the same world size")
-    for key, want in (("method", config.method.name), ("lora", models.lora)):
-        if saved.get(key) != want:
-            raise ValueError(f"checkpoint {path} has {key} = {saved.get(key)!r}, this run {want!r}")
-    load_path, _ = models.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=not models.lora,
-                                                 load_optimizer_states=True, load_lr_scheduler_states=True)
-    if load_path is None:
-        raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
-    models.refresh_inversion_copy()
-    return saved
+    def begin_micro_batch(self, batch) -> None:
+        if self.models.lockstep is not None:
+            self.models.lockstep.begin(batch.positions.tolist())
 
+    def backward(self, out, scale: float) -> None:
+        if not out.backward_done:
+            # the loop scales by 1/grad_accum itself (as the methods that back-propagate themselves do), so
+            # DeepSpeed must not scale again
+            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
+        self.engine.step()  # updates only at the accumulation boundary (the last micro-batch of the step)
 
-# ----------------------------------------------------------------------------------------------- the loop
-def train_deepspeed(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """:func:`fastinpo.train.loop.train` under DeepSpeed; same arguments, same outputs (rank 0 writes them)."""
-    from tqdm.auto import tqdm
+    def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        norm = self.engine.get_global_grad_norm()
+        grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=self.device)
+        # DeepSpeed skipped the update iff the global gradient norm is not finite; a non-finite loss on any rank
+        # makes it so. It is the same on every rank, so are the loop's counters: no collective needed.
+        return ~torch.isfinite(grad_norm), grad_norm
 
-    from fastinpo.methods import build_method
-    from fastinpo.models.sd import Encoder, load_components
-    from fastinpo.ops.schedule import NoiseSchedule
-    from fastinpo.train import checkpoint as ckpt
-    from fastinpo.train.data_source import PairStream
-    from fastinpo.train.loop import MetricsLog, StepCounter, make_step_inputs
+    def lr(self) -> float:
+        return self.engine.get_lr()[0]
 
-    if config.train.sample_every:
-        raise ValueError("train.sample_every (validation grids) is not supported with distributed.backend = "
-                         "'deepspeed' yet: sample from the exported weights or a checkpoint instead")
-    env = init_distributed(config)
-    device = env.device
-    ds = fill_deepspeed_config(config, load_preset(config.distributed.deepspeed_config), env.world_size)
-    out_dir = Path(config.train.output_dir)
-    removed: list[Path] = []
-    if env.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        removed = ckpt.remove_partial(out_dir)
-    env.barrier()  # no rank looks for checkpoints while rank 0 removes partial ones
-    resume_from = ckpt.resolve_resume(out_dir, resume)
-    if resume_from is None and resume is not None and resume != "latest":
-        raise FileNotFoundError(f"no checkpoint at {resume}")
+    def reduce_metrics(self, stacked: torch.Tensor) -> torch.Tensor:
+        if self.world_size == 1:
+            return stacked
+        # every rank logs the same keys the same number of times, so the mean over ranks of per-rank means is
+        # the mean over the global batch
+        torch.distributed.all_reduce(stacked)
+        return stacked / self.world_size
 
-    use_cache = bool(config.data.cache_dir)
-    components = load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
-                                 dtype=DTYPES[config.model.encoder_dtype])
-    schedule = NoiseSchedule.from_config(components.scheduler_config)
-    method = build_method(config.method, schedule)
-    encoder = None if use_cache else Encoder(components, device)
-    stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
-                        rank=env.rank, world_size=env.world_size)
-    models = build_engine(config, components.unet, env, ds, schedule)
-    engine = models.engine
-    pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * env.world_size
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"backend": "deepspeed", "world_size": self.world_size, "zero_stage": zero_stage(self.ds)}
 
-    state = {"nan_steps": 0, "consecutive_nan": 0}
-    start_step = 0
-    if resume_from is not None:
-        saved = load_checkpoint(resume_from, models, config, env)
-        start_step = int(saved["step"])
-        state.update({k: saved[k] for k in state})
-    if env.is_main:
-        save_config(config, out_dir / "config.yaml")
-        (out_dir / "deepspeed_config.json").write_text(json.dumps(ds, indent=2))
+    def summary(self) -> dict[str, Any]:
+        return {"world_size": self.world_size, "zero_stage": zero_stage(self.ds)}
 
-    log = MetricsLog(out_dir, start_step, rank=env.rank, world_size=env.world_size)
-    batches = stream.batches(start_step * config.train.grad_accum)
-    last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
-    counter = StepCounter(state, start_step, last_step, device)
-    bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
-               disable=not (config.train.progress and env.is_main),
-               desc=f"{config.method.name} {'lora' if models.lora else 'full'} x{env.world_size}")
-    scale = 1.0 / config.train.grad_accum
+    def save_checkpoint(self, out_dir: Path, step: int, state: dict[str, Any], keep_last: int) -> Path:
+        """Every rank writes its shards into one temporary folder; after a barrier rank 0 writes ``state.json``
+        and renames it into place (the atomic contract of :mod:`fastinpo.train.checkpoint`)."""
+        env = self.env
+        d = ckpt.checkpoint_dir(out_dir)
+        tmp = d / f".tmp-step-{step:08d}-ds"  # one name for all ranks (a pid would differ per rank)
+        if env.is_main:
+            d.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        env.barrier()
+        # LoRA: the frozen base weights come from model.path on resume; saving them would multiply the size by
+        # ~100
+        self.engine.save_checkpoint(str(tmp), tag=DS_TAG, save_latest=False,
+                                    exclude_frozen_parameters=self.models.lora)
+        env.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+        final = d / f"step-{step:08d}"
+        if env.is_main:
+            final = ckpt.commit_checkpoint(out_dir, tmp, step, state=state, keep_last=keep_last)
+        env.barrier()
+        return final
 
-    def save(step_now: int) -> Path:
-        return save_checkpoint(out_dir, step_now, models, env, {
-            **counter.checkpoint_state(), "method": config.method.name, "lora": models.lora, "backend": "deepspeed",
-            "world_size": env.world_size, "zero_stage": zero_stage(ds)}, config.train.keep_last)
+    def load_checkpoint(self, path: Path) -> dict[str, Any]:
+        saved = json.loads((path / "state.json").read_text())
+        if saved.get("backend", "none") != "deepspeed":
+            raise ValueError(f"checkpoint {path} was written by a one-process run (distributed.backend = 'none'); "
+                             "resume it with that backend")
+        if saved.get("world_size") != self.world_size:
+            raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} ranks, this run has "
+                             f"{self.world_size}: ZeRO shards resume exactly only on the same world size")
+        for key, want in (("method", self.config.method.name), ("lora", self.models.lora)):
+            if saved.get(key) != want:
+                raise ValueError(f"checkpoint {path} has {key} = {saved.get(key)!r}, this run {want!r}")
+        load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=not self.models.lora,
+                                                   load_optimizer_states=True, load_lr_scheduler_states=True)
+        if load_path is None:
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
+        self.models.refresh_inversion_copy()
+        return saved
 
-    try:
-        while counter.step < last_step:
-            for _ in range(config.train.grad_accum):
-                batch = next(batches)
-                if models.lockstep is not None:
-                    models.lockstep.begin(batch.positions.tolist())
-                inputs = make_step_inputs(batch, stream.empty, config, device)
-                out = method(inputs, models.callables, loss_scale=scale)
-                if not out.backward_done:
-                    # the loop scales by 1/grad_accum itself (as the methods that back-propagate themselves do),
-                    # so DeepSpeed must not scale again
-                    engine.backward(out.loss * scale, scale_wrt_gas=False)
-                log.add(out.metrics)
-                engine.step()  # updates only at the accumulation boundary (the last micro-batch of the step)
-            norm = engine.get_global_grad_norm()
-            grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=device)
-            # DeepSpeed skipped the update iff the global gradient norm is not finite; a non-finite loss on any
-            # rank makes it so. It is the same on every rank, so are these counters: no collective needed.
-            bad = ~torch.isfinite(grad_norm)
-            models.refresh_inversion_copy()
-            counter.end_step(bad, grad_norm, log, bar)
-            counter.report_if_due(log, bar, config, lr=lambda: engine.get_lr()[0], pairs_per_step=pairs_per_step,
-                                  skipped_rows=lambda: sum(stream.skipped.values()), save=save)
-            if counter.checkpoint_due(config):
-                save(counter.step)
-        step = counter.step
-        final = save(step)
-    finally:
-        bar.close()
-        log.close()
-
-    summary = {"step": step, "checkpoint": str(final), "skipped_rows": stream.skipped,
-               "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream),
-               "world_size": env.world_size, "zero_stage": zero_stage(ds)}
-    if step >= config.train.max_steps:
-        summary["export"] = str(export(config, models, components, out_dir / "export", env))
-    if env.is_main:
-        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+    def export(self, out: Path, arch: str) -> Path:
+        """A consolidated diffusers ``unet/`` (full) or LoRA safetensors, gathered and written on rank 0."""
+        state = gathered_state_dict(self.models, self.env, trainable_only=self.models.lora)
+        if self.env.is_main:
+            export_policy(out, self.models.unet, lora=self.models.lora, arch=arch, state=state)
+        self.env.barrier()
+        return out

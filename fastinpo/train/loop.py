@@ -1,17 +1,20 @@
-"""``fastinpo train``: the training loop.
+"""``fastinpo train``: the training loop, written once for every configuration.
 
-One optimizer step = ``grad_accum`` micro-batches of ``pairs_per_batch`` pairs. Per micro-batch: a fresh VAE
-posterior sample ``z0``, caption dropout per pair, the method's loss (SPEC §2–5), backward. Per optimizer step:
-gradient clipping, the optimizer (a non-finite loss or gradient skips the update on the device), the LR
-schedule. Between logging steps nothing reads a device value on the host: metrics accumulate on the device and
-are read once per ``log_every`` steps. Randomness is a function of (seed, micro-step), data order of (seed,
-position), so ``--resume latest`` continues exactly.
+One optimizer step = ``grad_accum`` micro-batches of ``pairs_per_batch`` pairs (per rank). Per micro-batch: a fresh
+VAE posterior sample ``z0``, caption dropout per pair, the method's loss (SPEC §2–5), backward. Per optimizer step:
+the engine's step (gradient clipping, the optimizer — a non-finite loss or gradient skips the update on the
+device — and the LR schedule). What depends on one process or DeepSpeed ZeRO lives behind the
+:class:`~fastinpo.train.engine.Engine` chosen once from ``distributed.backend`` (:func:`make_engine`). Between
+logging steps nothing reads a device value on the host: metrics accumulate on the device and are read once per
+``log_every`` steps. Randomness is a function of (seed, micro-step), data order of (seed, position), so
+``--resume latest`` continues exactly.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,17 +26,20 @@ from fastinpo.methods.base import PairRandomness, StepInputs
 from fastinpo.ops.schedule import NoiseSchedule
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train.data_source import PairStream
-from fastinpo.train.models import DTYPES, build_lr_scheduler, build_models, build_optimizer
+from fastinpo.train.engine import Engine
+from fastinpo.train.models import DTYPES
 from fastinpo.train.validation import ValidationGrids
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("train.device = 'cuda' but no CUDA device is available")
-    return device
+def make_engine(config: Config) -> Engine:
+    """The engine of ``distributed.backend``: one process, or DeepSpeed ZeRO (imported only then)."""
+    if config.distributed.backend == "deepspeed":
+        from fastinpo.train.engine_deepspeed import DeepSpeedEngine
+
+        return DeepSpeedEngine(config)
+    from fastinpo.train.engine_plain import PlainEngine
+
+    return PlainEngine(config)
 
 
 def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.device) -> StepInputs:
@@ -61,13 +67,14 @@ def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.d
 class MetricsLog:
     """Device-side metric sums between logging steps; one host read per log; metrics.jsonl + TensorBoard."""
 
-    def __init__(self, out_dir: Path, start_step: int, *, rank: int = 0, world_size: int = 1):
-        self.rank, self.world_size = rank, world_size
+    def __init__(self, out_dir: Path, start_step: int, *, is_main: bool = True,
+                 reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        self.is_main, self.reduce = is_main, reduce
         self.path = out_dir / "metrics.jsonl"
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}  # per key: per-micro-batch metrics and per-step ones mix
         self.writer = None
-        if rank != 0:  # under DeepSpeed only rank 0 writes; the others only take part in the reduction
+        if not is_main:  # under DeepSpeed only rank 0 writes; the others only take part in the reduction
             return
         if self.path.exists():  # a resumed run rewrites what came after its checkpoint
             lines = self.path.read_text().splitlines()
@@ -89,15 +96,12 @@ class MetricsLog:
     def flush(self, step: int, extra: dict[str, float]) -> dict[str, float]:
         keys = sorted(self.sums)
         stacked = torch.stack([self.sums[k] for k in keys]) if keys else None
-        if self.world_size > 1 and stacked is not None:
-            # the one collective of a log step: every rank logs the same keys the same number of times, so the
-            # mean over ranks of per-rank means is the mean over the global batch
-            torch.distributed.all_reduce(stacked)
-            stacked = stacked / self.world_size
+        if self.reduce is not None and stacked is not None:
+            stacked = self.reduce(stacked)  # the one collective of a log step (Engine.reduce_metrics)
         values = stacked.tolist() if stacked is not None else []  # the one host read
         row = {"step": step, **{k: v / self.counts[k] for k, v in zip(keys, values, strict=True)}, **extra}
         self.sums, self.counts = {}, {}
-        if self.rank != 0:
+        if not self.is_main:
             return row
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -118,7 +122,7 @@ class NonFiniteLossError(RuntimeError):
 
 
 class StepCounter:
-    """Where a run is and its non-finite-step bookkeeping, shared by the single-process and DeepSpeed loops: the
+    """Where a run is and its non-finite-step bookkeeping, whatever the engine: the
     step counts on the host, the non-finite counts on the device (read on the host only at logging steps and
     checkpoints, so the hot loop has no sync)."""
 
@@ -171,22 +175,25 @@ class StepCounter:
 
 
 def train(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
-    """Run (or resume) a training run; returns a summary. ``stop_after`` ends the run after that many optimizer
-    steps of this invocation (with a checkpoint), as an interruption would."""
+    """Run (or resume) a training run, in one process or as one rank of a DeepSpeed launch; returns a summary.
+    ``stop_after`` ends the run after that many optimizer steps of this invocation (with a checkpoint), as an
+    interruption would."""
     from tqdm.auto import tqdm
 
     from fastinpo.models.sd import Encoder, load_components
 
     config.validate()
-    if config.distributed.backend == "deepspeed":
-        from fastinpo.train.engine_deepspeed import train_deepspeed
-
-        return train_deepspeed(config, resume=resume, stop_after=stop_after)
+    engine = make_engine(config)
+    device = engine.device
     out_dir = Path(config.train.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device = pick_device(config.train.device)
-    removed = ckpt.remove_partial(out_dir)
+    removed: list[Path] = []
+    if engine.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        removed = ckpt.remove_partial(out_dir)
+    engine.barrier()  # no rank looks for checkpoints while rank 0 removes partial ones
     resume_from = ckpt.resolve_resume(out_dir, resume)
+    if resume_from is None and resume is not None and resume != "latest":
+        raise FileNotFoundError(f"no checkpoint at {resume}")
 
     use_cache = bool(config.data.cache_dir)
     components = load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
@@ -194,78 +201,56 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     schedule = NoiseSchedule.from_config(components.scheduler_config)
     method = build_method(config.method, schedule)
     encoder = None if use_cache else Encoder(components, device)
-    stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder)
-    models = build_models(config, components.unet, device)
-    if config.method.trajectory_cache_dir:
+    stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
+                        rank=engine.rank, world_size=engine.world_size)
+    pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * engine.world_size
+    engine.wrap(components.unet, schedule, pairs_per_step)
+    models = engine.models
+    if config.method.trajectory_cache_dir:  # one process only (Config.validate)
         from fastinpo.data.trajectory_cache import open_for_run
 
         method.trajectory_cache = open_for_run(config, stream, models, schedule, device)
-    pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum
-    optimizer = build_optimizer(config, models.trainable, device, pairs_per_step)
-    lr_scheduler = build_lr_scheduler(config, optimizer)
-    scaler = torch.amp.GradScaler(device.type) if config.train.mixed_precision == "fp16" else None
-    trainable = dict(zip(models.trainable_names, models.trainable, strict=True))
 
     state = {"nan_steps": 0, "consecutive_nan": 0}
     start_step = 0
     if resume_from is not None:
-        saved = ckpt.load_checkpoint(resume_from, trainable=trainable, optimizer=optimizer,
-                                     lr_scheduler=lr_scheduler, scaler=scaler)
+        saved = engine.load_checkpoint(resume_from)
         start_step = int(saved["step"])
         state.update({k: saved[k] for k in state})
-        models.refresh_inversion_copy()
-    elif resume is not None and resume != "latest":
-        raise FileNotFoundError(f"no checkpoint at {resume}")
-    save_config(config, out_dir / "config.yaml")
+    if engine.is_main:
+        save_config(config, out_dir / "config.yaml")
+        engine.write_settings(out_dir)
 
-    log = MetricsLog(out_dir, start_step)
+    log = MetricsLog(out_dir, start_step, is_main=engine.is_main, reduce=engine.reduce_metrics)
     grids = ValidationGrids(config, out_dir, device)
-    fused_skip = getattr(optimizer, "_step_supports_amp_scaling", False) and scaler is None
     batches = stream.batches(start_step * config.train.grad_accum)
     last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
     counter = StepCounter(state, start_step, last_step, device)
-    bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step", disable=not config.train.progress,
-               desc=f"{config.method.name} {'lora' if models.lora else 'full'}")
+    bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
+               disable=not (config.train.progress and engine.is_main),
+               desc=f"{config.method.name} {'lora' if models.lora else 'full'}{engine.label}")
+    scale = 1.0 / config.train.grad_accum
 
     def save(step_now: int) -> Path:
-        return ckpt.save_checkpoint(
-            out_dir, step_now, trainable=trainable, optimizer=optimizer, lr_scheduler=lr_scheduler, scaler=scaler,
-            state={**counter.checkpoint_state(), "method": config.method.name, "lora": models.lora},
-            keep_last=config.train.keep_last)
+        return engine.save_checkpoint(out_dir, step_now, {
+            **counter.checkpoint_state(), "method": config.method.name, "lora": models.lora,
+            **engine.checkpoint_state()}, config.train.keep_last)
 
     try:
         while counter.step < last_step:
-            optimizer.zero_grad(set_to_none=True)
-            bad = torch.zeros((), dtype=torch.bool, device=device)
+            engine.begin_step()
             for _ in range(config.train.grad_accum):
-                inputs = make_step_inputs(next(batches), stream.empty, config, device)
-                scale = 1.0 / config.train.grad_accum
+                batch = next(batches)
+                engine.begin_micro_batch(batch)
+                inputs = make_step_inputs(batch, stream.empty, config, device)
                 out = method(inputs, models.callables, loss_scale=scale)
-                if not out.backward_done:
-                    loss = out.loss * scale
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                bad |= ~torch.isfinite(out.loss)
                 log.add(out.metrics)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            max_norm = config.optim.max_grad_norm
-            grad_norm = (torch.nn.utils.clip_grad_norm_(models.trainable, max_norm) if max_norm > 0
-                         else torch.nn.utils.get_total_norm([p.grad for p in models.trainable if p.grad is not None]))
-            bad |= ~torch.isfinite(grad_norm)
-            if scaler is not None:
-                scaler.step(optimizer)
-                scaler.update()
-            elif fused_skip:  # the fused optimizer skips the whole update on the device when bad is set
-                optimizer.grad_scale, optimizer.found_inf = None, bad.float()
-                optimizer.step()
-            elif not bool(bad):  # optimizers without device-side skipping: one host read per step
-                optimizer.step()
-            lr_scheduler.step()
+                engine.backward(out, scale)
+            bad, grad_norm = engine.step()
             models.refresh_inversion_copy()
             counter.end_step(bad, grad_norm, log, bar)
-            counter.report_if_due(log, bar, config, lr=lambda: lr_scheduler.get_last_lr()[0],
-                                  pairs_per_step=pairs_per_step, skipped_rows=lambda: sum(stream.skipped.values()),
-                                  save=save)
+            counter.report_if_due(log, bar, config, lr=engine.lr, pairs_per_step=pairs_per_step,
+                                  skipped_rows=lambda: sum(stream.skipped.values()), save=save)
             if config.train.sample_every and counter.step % config.train.sample_every == 0:
                 grids(counter.step, models.unet)
             if counter.checkpoint_due(config):
@@ -277,34 +262,11 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
         log.close()
 
     summary = {"step": step, "checkpoint": str(final), "skipped_rows": stream.skipped,
-               "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream)}
+               "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream), **engine.summary()}
     if getattr(method, "trajectory_cache", None) is not None:
         summary["trajectory_cache"] = method.trajectory_cache.stats()
     if step >= config.train.max_steps:
-        summary["export"] = str(export(config, models, components, out_dir / "export"))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        summary["export"] = str(engine.export(out_dir / "export", components.arch))
+    if engine.is_main:
+        (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
-
-
-def export(config: Config, models, components, out: Path) -> Path:
-    """Write the trained policy for a stock diffusers pipeline: ``unet/`` (full) or LoRA safetensors."""
-    import shutil
-
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    if models.lora:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(models.unet))
-        pipe_cls = StableDiffusionXLPipeline if components.arch == "sdxl" else StableDiffusionPipeline
-        pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
-    else:
-        models.unet.save_pretrained(tmp / "unet", safe_serialization=True)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
-    return out

@@ -1,0 +1,39 @@
+"""Writing a trained SD1.5 / SDXL policy for a stock diffusers pipeline: ``unet/`` (full fine-tuning) or LoRA
+safetensors (``lora/``), written under a temporary name and renamed into place, so a crash never leaves half an
+export where a finished one is expected."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+
+def export_policy(out: Path, unet, *, lora: bool, arch: str, state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write ``unet``'s trained weights to ``out``. ``state`` replaces the module's own weights when they are not
+    all in it (ZeRO-3 shards: a state dict gathered on one rank); LoRA: the adapter weights, full: the UNet."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    if lora:
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+        pipe_cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
+        pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
+    elif state is None:
+        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+    else:
+        from diffusers import UNet2DConditionModel
+
+        full = UNet2DConditionModel.from_config(unet.config)
+        full.load_state_dict(state, strict=True)
+        full.save_pretrained(tmp / "unet", safe_serialization=True)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
