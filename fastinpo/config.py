@@ -218,18 +218,62 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _field_type(section: str, key: str):
+    """The resolved type of ``section.key`` in :class:`Config`, or None when there is no such key (the key check
+    reports it later, with the valid keys)."""
+    sections = typing.get_type_hints(Config)
+    if section not in sections or not dataclasses.is_dataclass(sections[section]):
+        return None
+    return typing.get_type_hints(sections[section]).get(key)
+
+
+def _string_kinds(ftype) -> tuple[bool, bool]:
+    """(is a string field, may be None): ``str``, a ``Literal`` of strings, or either ``| None``."""
+    args = typing.get_args(ftype)
+    if typing.get_origin(ftype) is Literal:
+        return all(isinstance(a, str) for a in args), False
+    if ftype is str:
+        return True, False
+    if args and type(None) in args:  # Optional[...]: a string field when every other member is one
+        others = [a for a in args if a is not type(None)]
+        return all(_string_kinds(a)[0] for a in others), True
+    return False, False
+
+
+def _parse_override_value(raw: str, ftype) -> Any:
+    """The value of ``--set section.key=raw``.
+
+    A string field takes the text as it is: YAML would read ``no``/``off``/``on``/``yes`` as booleans and ``null``
+    as None, so ``train.mixed_precision=no`` must not go through YAML. A field that may also be None takes
+    ``null`` (or nothing) as None — the only way to unset it from the command line. A JSON-quoted value
+    (``'"no"'``) is unquoted. Other fields: JSON first (YAML 1.1 reads 1e-4 as a string), then YAML (numbers,
+    booleans, null, lists).
+    """
+    is_string, nullable = _string_kinds(ftype) if ftype is not None else (False, False)
+    if is_string:
+        text = raw.strip()
+        if nullable and text in ("", "null"):
+            return None
+        try:
+            quoted = json.loads(text)
+        except ValueError:
+            return text
+        return quoted if isinstance(quoted, str) else text
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return yaml.safe_load(raw) if raw.strip() else ""
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
-    """``section.key=value``; the value is parsed as YAML (numbers, booleans, null, lists)."""
+    """``section.key=value``, the value read by the field's type (:func:`_parse_override_value`)."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like section.key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be section.key (e.g. train.max_steps)")
-    try:  # JSON first: YAML 1.1 reads 1e-4 as a string
-        value = json.loads(raw)
-    except ValueError:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _parse_override_value(raw, _field_type(parts[0], parts[1]))
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ValueError(f"config section {parts[0]!r} is not a table")
@@ -274,7 +318,11 @@ def from_dict(data: dict[str, Any]) -> Config:
         expected = typing.get_args(err.field_type) if typing.get_origin(err.field_type) is Literal else None
         wanted = f"one of {', '.join(map(repr, expected))}" if expected else getattr(err.field_type, "__name__",
                                                                                        str(err.field_type))
-        raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}") from None
+        hint = ""
+        if isinstance(err.value, bool) or err.value is None:
+            # A YAML file's unquoted no/off/yes/on/null reaches a string field as a bool or None.
+            hint = " (YAML reads unquoted no/off/yes/on as booleans and null as nothing: quote the value, e.g. \"no\")"
+        raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}{hint}") from None
     except dacite.DaciteError as err:
         raise ValueError(f"invalid config: {err}") from None
     return config.validate()
