@@ -51,7 +51,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fastinpo.cache import build_cache
-    from fastinpo.data import PickAPicDataset
+    from fastinpo.data import PickAPicDataset, describe_skipped
     from fastinpo.models import Encoder, load_components
     from fastinpo.train.loop import pick_device
     from fastinpo.train.models import DTYPES
@@ -62,11 +62,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         raise ValueError("data.cache_dir must say where the cache goes")
     dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                               keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
-                              seed=config.train.seed)
+                              seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
     components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
     encoder = Encoder(components, pick_device(config.train.device))
-    build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype))
-    print(f"cache ready in {d.cache_dir}: {len(dataset)} pairs")
+    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype))
+    # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
+    print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
+          f"{describe_skipped(manifest['skipped'])}")
     return 0
 
 

@@ -53,6 +53,7 @@ class DataConfig:
     center_crop: bool = _f(True, "center crop after resizing the shorter side to R (else a seeded random crop)")
     random_flip: bool = _f(False, "flip both images of a pair together with probability 0.5")
     keep_ties: bool = _f(False, "keep label 0.5 ties with image 0 as the winner (official codes drop them)")
+    keep_empty_captions: bool = _f(True, "keep rows with an empty/null caption, trained with the caption \"\" (false: skip them as empty_caption)")
     per_sample_time_ids: bool = _f(False, "SDXL time_ids from each image's original size and crop (default: (R,R,0,0,R,R))")
     caption_dropout: float = _f(0.2, "probability of replacing a pair's caption by \"\" (official: 0.2 DPO/InPO, 0 Inversion-DPO)")
     max_rows: int | None = _f(None, "use only the first N rows of the data")

@@ -83,7 +83,8 @@ class PairStream:
         self.dataset = None
         self.cached = False
         raw = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids,
+                              keep_ties=d.keep_ties, keep_empty_captions=d.keep_empty_captions,
+                              per_sample_time_ids=d.per_sample_time_ids,
                               max_rows=d.max_rows, seed=config.train.seed) if d.path else None
         self.raw_dataset = raw
         if d.cache_dir:
