@@ -88,8 +88,7 @@ def detect_arch(folder: str | Path) -> str:
     if folder.is_file():
         raise ValueError(f"model path {folder} is a file; fastinpo reads a diffusers pipeline folder (unet/, vae/, "
                          "text_encoder/, tokenizer/, scheduler/ ...). A single-file checkpoint converts with diffusers:"
-                         " "
-                         "StableDiffusionPipeline (or StableDiffusionXLPipeline).from_single_file(FILE)"
+                         " StableDiffusionPipeline (or StableDiffusionXLPipeline).from_single_file(FILE)"
                          ".save_pretrained(FOLDER)")
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
