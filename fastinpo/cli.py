@@ -65,7 +65,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                               seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
     components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
     encoder = Encoder(components, pick_device(config.train.device))
-    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype))
+    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
+                           overwrite=args.overwrite, allow_frozen_augmentation=args.allow_frozen_augmentation)
     # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
     print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
           f"{describe_skipped(manifest['skipped'])}")
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
             p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+        else:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a cache that data.cache_dir holds for other settings (deletes it)")
+            p.add_argument("--allow-frozen-augmentation", action="store_true",
+                           help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("make-tiny-pipeline", help="write a tiny random SD1.5/SDXL pipeline (diffusers layout)")

@@ -59,3 +59,16 @@ def test_cache_command_reports_the_pairs_it_cached(tiny_pipelines, tmp_path, cap
     out = capsys.readouterr().out
     assert code == 0
     assert "5 pairs cached" in out and "1 undecodable_image" in out, out
+
+
+def test_cache_overwrite_is_a_real_flag_that_rebuilds_a_stale_cache(tiny_pipelines, tmp_path, capsys):
+    write_pickapic_parquet(tmp_path / "d" / "part-0.parquet", synthetic_rows(3, R, seed=1, tie_every=0))
+    base = ["cache", "--set", f"model.path={tiny_pipelines['sd15']}", "--set", f"data.path={tmp_path / 'd'}",
+            "--set", f"data.cache_dir={tmp_path / 'c'}", "--set", f"data.resolution={R}"]
+    assert main(base) == 0
+    other = [*base, "--set", "data.cache_embed_dtype=float32"]
+    assert main(other) == 2
+    err = capsys.readouterr().err
+    assert "already holds a cache built with other settings" in err and "`fastinpo cache CONFIG --overwrite`" in err
+    assert main([*other, "--overwrite"]) == 0
+    assert "3 pairs cached" in capsys.readouterr().out

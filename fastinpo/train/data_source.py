@@ -73,7 +73,13 @@ class PairStream:
 
     def __init__(self, config: Config, *, model_folder, device: torch.device, encoder=None,
                  rank: int = 0, world_size: int = 1):
-        from fastinpo.cache import CachedPairDataset, StaleCacheError, cache_matches, expected_cache_signature
+        from fastinpo.cache import (
+            CachedPairDataset,
+            StaleCacheError,
+            cache_matches,
+            expected_cache_signature,
+            what_to_do,
+        )
         from fastinpo.data import PickAPicDataset
         from fastinpo.models import encoder_signature
 
@@ -94,7 +100,7 @@ class PairStream:
             ok, reasons = cache_matches(d.cache_dir, expect)
             if not ok:
                 raise StaleCacheError(f"the cache in {d.cache_dir} does not match this config:\n  "
-                                      + "\n  ".join(reasons) + "\nre-run `fastinpo cache` with this config")
+                                      + "\n  ".join(reasons) + "\n" + what_to_do(d.cache_dir, expect))
             self.dataset = CachedPairDataset(d.cache_dir, expect=expect)
             self.cached = True
             self.data_signature = {**expect, "encoded_by": "cache"}
