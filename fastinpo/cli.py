@@ -64,9 +64,12 @@ def _cmd_cache(args: argparse.Namespace) -> int:
                               keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
                               seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
     components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
-    encoder = Encoder(components, pick_device(config.train.device))
+    encoder = Encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
+                      vae_tiling=d.vae_tiling)
+    # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
     manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
-                           overwrite=args.overwrite, allow_frozen_augmentation=args.allow_frozen_augmentation)
+                           batch_size=d.cache_batch_pairs, store_std=d.latent_sample, overwrite=args.overwrite,
+                           allow_frozen_augmentation=args.allow_frozen_augmentation)
     # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
     print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
           f"{describe_skipped(manifest['skipped'])}")

@@ -60,7 +60,10 @@ class DataConfig:
     cache_dir: str | None = _f(None, "latent/text cache made by `fastinpo cache` (used when it matches, refused when stale)")
     cache_embed_dtype: Literal["float16", "bfloat16", "float32"] = _f(
         "float16", "dtype the cache stores text embeddings in (latents are always float32)")
-    latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean")
+    latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
+    cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
+    vae_slicing: bool = _f(True, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image)")
+    vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
 
 
@@ -161,6 +164,7 @@ class Config:
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
+                    "data.cache_batch_pairs",
                     "method.inversion_levels", "method.num_steps", "method.grad_steps_per_call",
                     "method.nograd_steps_per_call"):
             section, name = key.split(".")

@@ -213,9 +213,17 @@ class Encoder:
     SDXL: both encoders' penultimate hidden states concatenated, and encoder 2's projected pooled output).
     """
 
-    def __init__(self, components: PipelineComponents, device: torch.device | str = "cpu"):
+    def __init__(self, components: PipelineComponents, device: torch.device | str = "cpu", *,
+                 vae_slicing: bool = False, vae_tiling: bool = False):
+        """``vae_slicing``: encode one image at a time inside a call (peak memory of one image);
+        ``vae_tiling``: encode large images in overlapping tiles (less memory again; the latents differ slightly
+        from untiled ones). Both are diffusers' own (``AutoencoderKL.enable_slicing`` / ``enable_tiling``)."""
         if components.vae is None or not components.text_encoders:
             raise ValueError("Encoder needs the VAE and the text encoders (load_components(load_vae/load_text=True))")
+        if vae_slicing:
+            components.vae.enable_slicing()
+        if vae_tiling:
+            components.vae.enable_tiling()
         self.arch = components.arch
         self.device = torch.device(device)
         # the dtype is the one the parts were loaded in (load_components(dtype=...)): casting a loaded VAE

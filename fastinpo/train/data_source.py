@@ -74,6 +74,7 @@ class PairStream:
     def __init__(self, config: Config, *, model_folder, device: torch.device, encoder=None,
                  rank: int = 0, world_size: int = 1):
         from fastinpo.cache import (
+            REBUILD_HINT,
             CachedPairDataset,
             StaleCacheError,
             cache_matches,
@@ -102,6 +103,11 @@ class PairStream:
                 raise StaleCacheError(f"the cache in {d.cache_dir} does not match this config:\n  "
                                       + "\n  ".join(reasons) + "\n" + what_to_do(d.cache_dir, expect))
             self.dataset = CachedPairDataset(d.cache_dir, expect=expect)
+            if d.latent_sample and not self.dataset.has_std:
+                # without the std the run would train on the posterior mean while its config says "sample"
+                raise StaleCacheError(f"the cache in {d.cache_dir} holds no posterior std (built with "
+                                      "data.latent_sample = false), but this run draws latent samples "
+                                      "(data.latent_sample = true). " + REBUILD_HINT)
             self.cached = True
             self.data_signature = {**expect, "encoded_by": "cache"}
             prompt, pooled = self.dataset.empty_caption()
