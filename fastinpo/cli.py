@@ -40,9 +40,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None and not args.set:
         raise ValueError("give a config file (TOML/YAML) and/or --set section.key=value overrides")
+    from fastinpo.config import check_before_loading
     from fastinpo.train import train
 
-    summary = train(_load(args), resume=args.resume)
+    config = _load(args)
+    check_before_loading(config)
+    summary = train(config, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -51,6 +54,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fastinpo.cache import build_cache
+    from fastinpo.config import local_path_problems
     from fastinpo.data import PickAPicDataset, describe_skipped
     from fastinpo.models import Encoder, load_components
     from fastinpo.train.loop import pick_device
@@ -60,6 +64,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     d = config.data
     if not d.cache_dir:
         raise ValueError("data.cache_dir must say where the cache goes")
+    problems = local_path_problems(config)
+    if problems:
+        raise ValueError("the cache cannot be built:\n  " + "\n  ".join(problems))
     dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                               keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
                               seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
