@@ -200,9 +200,9 @@ def providers_for(op, mode, shape, dtype, dev, alpha_init, compiled_cache):
     if dev.type == "cuda":
         try:
             import triton  # noqa: F401
-            from fastinpo.kernels.ddim_step import ddim_inversion_step_fused
 
             import fastinpo
+            from fastinpo.kernels.ddim_step import ddim_inversion_step_fused
 
             if op == "dpo_loss" and mode == "fwd":
                 out["triton"] = lambda m, r, t: fastinpo.diffusion_dpo_loss(m.detach(), r, t, 5000.0,

@@ -40,9 +40,12 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None and not args.set:
         raise ValueError("give a config file (TOML/YAML) and/or --set section.key=value overrides")
+    from fastinpo.config import check_before_loading
     from fastinpo.train import train
 
-    summary = train(_load(args), resume=args.resume)
+    config = _load(args)
+    check_before_loading(config)
+    summary = train(config, resume=args.resume)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -50,8 +53,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
+    from fastinpo.config import local_path_problems
     from fastinpo.data.cache import build_cache
-    from fastinpo.data.pickapic import PickAPicDataset
+    from fastinpo.data.pickapic import PickAPicDataset, describe_skipped
     from fastinpo.models.sd import Encoder, load_components
     from fastinpo.train.engine import pick_device
     from fastinpo.train.models import DTYPES
@@ -60,13 +64,22 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     d = config.data
     if not d.cache_dir:
         raise ValueError("data.cache_dir must say where the cache goes")
+    problems = local_path_problems(config)
+    if problems:
+        raise ValueError("the cache cannot be built:\n  " + "\n  ".join(problems))
     dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                               keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
-                              seed=config.train.seed)
+                              seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
     components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
-    encoder = Encoder(components, pick_device(config.train.device))
-    build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype))
-    print(f"cache ready in {d.cache_dir}: {len(dataset)} pairs")
+    encoder = Encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
+                      vae_tiling=d.vae_tiling)
+    # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
+    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
+                           batch_size=d.cache_batch_pairs, store_std=d.latent_sample, overwrite=args.overwrite,
+                           allow_frozen_augmentation=args.allow_frozen_augmentation)
+    # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
+    print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
+          f"{describe_skipped(manifest['skipped'])}")
     return 0
 
 
@@ -131,6 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
             p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+        else:
+            p.add_argument("--overwrite", action="store_true",
+                           help="replace a cache that data.cache_dir holds for other settings (deletes it)")
+            p.add_argument("--allow-frozen-augmentation", action="store_true",
+                           help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
 
     p = sub.add_parser("make-tiny-pipeline", help="write a tiny random SD1.5/SDXL pipeline (diffusers layout)")

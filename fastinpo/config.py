@@ -53,13 +53,17 @@ class DataConfig:
     center_crop: bool = _f(True, "center crop after resizing the shorter side to R (else a seeded random crop)")
     random_flip: bool = _f(False, "flip both images of a pair together with probability 0.5")
     keep_ties: bool = _f(False, "keep label 0.5 ties with image 0 as the winner (official codes drop them)")
+    keep_empty_captions: bool = _f(True, "keep rows with an empty/null caption, trained with the caption \"\" (false: skip them as empty_caption)")
     per_sample_time_ids: bool = _f(False, "SDXL time_ids from each image's original size and crop (default: (R,R,0,0,R,R))")
     caption_dropout: float = _f(0.2, "probability of replacing a pair's caption by \"\" (official: 0.2 DPO/InPO, 0 Inversion-DPO)")
     max_rows: int | None = _f(None, "use only the first N rows of the data")
     cache_dir: str | None = _f(None, "latent/text cache made by `fastinpo cache` (used when it matches, refused when stale)")
     cache_embed_dtype: Literal["float16", "bfloat16", "float32"] = _f(
         "float16", "dtype the cache stores text embeddings in (latents are always float32)")
-    latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean")
+    latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
+    cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
+    vae_slicing: bool = _f(True, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image)")
+    vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
 
 
@@ -160,6 +164,7 @@ class Config:
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
+                    "data.cache_batch_pairs",
                     "method.inversion_levels", "method.num_steps", "method.grad_steps_per_call",
                     "method.nograd_steps_per_call"):
             section, name = key.split(".")
@@ -220,6 +225,63 @@ def trajectory_cache_problems(config: Config) -> list[str]:
     return problems
 
 
+# ----------------------------------------------------------------------------------------------- before loading
+def symmetry_breaking_problems(config: Config) -> list[str]:
+    """Inversion-DPO has an exactly zero gradient while the policy equals the reference (SPEC §4): a run that
+    would train nothing is refused unless an explicit, valid symmetry-breaking choice is configured."""
+    if config.method.name != "inversion-dpo":
+        return []
+    choice = config.method.symmetry_breaking
+    lora = config.lora.rank > 0
+    if choice == "none":
+        return [
+            "Inversion-DPO would train nothing: at the start the policy equals the reference, and both the loss "
+            "and its gradient are exactly 0 there (SPEC §4). Choose how to leave that point: "
+            "method.symmetry_breaking = 'lora-init' (LoRA with lora.init = 'gaussian': non-zero adapters) or "
+            "'reference-dtype' (full fine-tuning with model.reference_dtype = 'bfloat16' or 'float16', as the "
+            "released code's bf16 reference does)."]
+    if choice == "lora-init" and not (lora and config.lora.init == "gaussian"):
+        return ["method.symmetry_breaking = 'lora-init' needs lora.rank > 0 and lora.init = 'gaussian'"]
+    if choice == "reference-dtype" and (lora or config.model.reference_dtype == "float32"):
+        return ["method.symmetry_breaking = 'reference-dtype' needs full fine-tuning (lora.rank = 0) and "
+                "model.reference_dtype = 'bfloat16' or 'float16'"]
+    return []
+
+
+def local_path_problems(config: Config) -> list[str]:
+    """The config's input paths checked as local paths (nothing is ever fetched from a hub: a missing folder is
+    an error here, not a hub id for diffusers to try), all at once."""
+    problems = []
+
+    def folder(key: str, value: str | None, must_hold: tuple[str, ...], what: str) -> None:
+        if not value:
+            return
+        path = Path(value).expanduser()
+        if path.is_file():
+            problems.append(f"{key} = {value!r} is a file; it must be {what}")
+        elif not path.is_dir():
+            problems.append(f"{key} = {value!r} does not exist (a local folder: {what}; nothing is downloaded)")
+        elif must_hold and not any((path / m).exists() for m in must_hold):
+            problems.append(f"{key} = {value!r} is not {what} (it holds none of {', '.join(must_hold)})")
+
+    folder("model.path", config.model.path, ("unet/config.json", "model_index.json"),
+           "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    folder("model.unet_init", config.model.unet_init, ("config.json",),
+           "a diffusers UNet folder (config.json + weights), e.g. a fastinpo export/unet/")
+    if config.data.path and not Path(config.data.path).expanduser().exists():
+        problems.append(f"data.path = {config.data.path!r} does not exist (a folder of Pick-a-Pic parquet files, "
+                        "one .parquet file, or a datasets save_to_disk folder)")
+    return problems
+
+
+def check_before_loading(config: Config) -> None:
+    """Everything the config alone can reveal, reported together before the first weight loads (an SDXL UNet takes
+    ~20 s and 11 GiB to load on a CPU): the local paths and the Inversion-DPO symmetry-breaking choice."""
+    problems = local_path_problems(config) + symmetry_breaking_problems(config)
+    if problems:
+        raise ValueError("the run cannot start:\n  " + "\n  ".join(problems))
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def _read_file(path: str | Path) -> dict[str, Any]:
     path = Path(path)
@@ -239,18 +301,62 @@ def _read_file(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _field_type(section: str, key: str):
+    """The resolved type of ``section.key`` in :class:`Config`, or None when there is no such key (the key check
+    reports it later, with the valid keys)."""
+    sections = typing.get_type_hints(Config)
+    if section not in sections or not dataclasses.is_dataclass(sections[section]):
+        return None
+    return typing.get_type_hints(sections[section]).get(key)
+
+
+def _string_kinds(ftype) -> tuple[bool, bool]:
+    """(is a string field, may be None): ``str``, a ``Literal`` of strings, or either ``| None``."""
+    args = typing.get_args(ftype)
+    if typing.get_origin(ftype) is Literal:
+        return all(isinstance(a, str) for a in args), False
+    if ftype is str:
+        return True, False
+    if args and type(None) in args:  # Optional[...]: a string field when every other member is one
+        others = [a for a in args if a is not type(None)]
+        return all(_string_kinds(a)[0] for a in others), True
+    return False, False
+
+
+def _parse_override_value(raw: str, ftype) -> Any:
+    """The value of ``--set section.key=raw``.
+
+    A string field takes the text as it is: YAML would read ``no``/``off``/``on``/``yes`` as booleans and ``null``
+    as None, so ``train.mixed_precision=no`` must not go through YAML. A field that may also be None takes
+    ``null`` (or nothing) as None — the only way to unset it from the command line. A JSON-quoted value
+    (``'"no"'``) is unquoted. Other fields: JSON first (YAML 1.1 reads 1e-4 as a string), then YAML (numbers,
+    booleans, null, lists).
+    """
+    is_string, nullable = _string_kinds(ftype) if ftype is not None else (False, False)
+    if is_string:
+        text = raw.strip()
+        if nullable and text in ("", "null"):
+            return None
+        try:
+            quoted = json.loads(text)
+        except ValueError:
+            return text
+        return quoted if isinstance(quoted, str) else text
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return yaml.safe_load(raw) if raw.strip() else ""
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
-    """``section.key=value``; the value is parsed as YAML (numbers, booleans, null, lists)."""
+    """``section.key=value``, the value read by the field's type (:func:`_parse_override_value`)."""
     if "=" not in override:
         raise ValueError(f"override {override!r} must look like section.key=value")
     key, raw = override.split("=", 1)
     parts = key.strip().split(".")
     if len(parts) != 2 or not all(parts):
         raise ValueError(f"override key {key!r} must be section.key (e.g. train.max_steps)")
-    try:  # JSON first: YAML 1.1 reads 1e-4 as a string
-        value = json.loads(raw)
-    except ValueError:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+    value = _parse_override_value(raw, _field_type(parts[0], parts[1]))
     section = data.setdefault(parts[0], {})
     if not isinstance(section, dict):
         raise ValueError(f"config section {parts[0]!r} is not a table")
@@ -295,7 +401,11 @@ def from_dict(data: dict[str, Any]) -> Config:
         expected = typing.get_args(err.field_type) if typing.get_origin(err.field_type) is Literal else None
         wanted = f"one of {', '.join(map(repr, expected))}" if expected else getattr(err.field_type, "__name__",
                                                                                        str(err.field_type))
-        raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}") from None
+        hint = ""
+        if isinstance(err.value, bool) or err.value is None:
+            # A YAML file's unquoted no/off/yes/on/null reaches a string field as a bool or None.
+            hint = " (YAML reads unquoted no/off/yes/on as booleans and null as nothing: quote the value, e.g. \"no\")"
+        raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}{hint}") from None
     except dacite.DaciteError as err:
         raise ValueError(f"invalid config: {err}") from None
     return config.validate()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
 from fastinpo.kernels.dpo_loss import SUPPORTED_DTYPES, as_rows
 
 _MAX_GRID_YZ = 65535

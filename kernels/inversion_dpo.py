@@ -17,8 +17,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from fastinpo.kernels import dpo_loss as _dl
 
+from fastinpo.kernels import dpo_loss as _dl
 from fastinpo.ops import reference
 from fastinpo.ops.outputs import DPOLossOutput
 

@@ -134,7 +134,7 @@ def test_resume_after_interruption_recomputes_nothing_done(tmp_path):
     shard0 = (cache / "shard-00000.safetensors").stat()
     ok, reasons = cache_matches(cache, expected_cache_signature(ds, first, torch.float16))
     assert not ok and "incomplete: 1 of 3 shards" in reasons[0]
-    with pytest.raises(StaleCacheError, match="(?s)incomplete.*Re-run `fastinpo cache"):
+    with pytest.raises(StaleCacheError, match="(?s)incomplete.*Finish it with `fastinpo cache CONFIG`: the build"):
         CachedPairDataset(cache, expect={})
 
     # a crash in the middle of shard 1 (second batch): nothing of shard 1 is recorded
@@ -175,7 +175,7 @@ def test_stale_cache_refused_with_key_names(tmp_path, data_dir):
         with pytest.raises(StaleCacheError) as info:
             CachedPairDataset(tmp_path / "cache", expect=expect)
         msg = str(info.value)
-        assert "Re-run `fastinpo cache" in msg
+        assert "`fastinpo cache CONFIG --overwrite`" in msg  # a command that rebuilds it (a plain re-run refuses)
         for key in keys:
             assert f"{key}: cached" in msg, msg
         ok, reasons = cache_matches(tmp_path / "cache", expect)

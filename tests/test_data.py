@@ -90,7 +90,7 @@ def bad_rows(rows):
 
 
 def test_bad_rows_skipped_and_counted_when_verified_at_index_time(tmp_path, rows):
-    ds = PickAPicDataset(write(tmp_path, bad_rows(rows)), R, verify_images=True)
+    ds = PickAPicDataset(write(tmp_path, bad_rows(rows)), R, verify_images=True, keep_empty_captions=False)
     assert len(ds) == 6
     assert [ds.source_row(i) for i in range(6)] == list(range(6))
     assert ds.skipped == {"empty_caption": 3, "bad_label": 1, "missing_label": 2, "inconsistent_labels": 1,

@@ -66,3 +66,43 @@ def test_parquet_without_caption_and_missing_file(tmp_path):
     (tmp_path / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
     with pytest.raises(ValueError, match="not UTF-8"):
         read_prompts(tmp_path / "binary.txt")
+
+
+def test_parti_keeps_quote_marks(tmp_path):
+    # The real PartiPrompts.tsv has prompts that start with a quote mark; a TSV has no quoting to strip.
+    f = tmp_path / "PartiPrompts.tsv"
+    f.write_text('Prompt\tCategory\n"G I G G L E" painted in thick colorful lettering\tWorld Knowledge\n'
+                 'a sign that says "hi"\tText\n')
+    assert [p.prompt for p in read_prompts(f)] == ['"G I G G L E" painted in thick colorful lettering',
+                                                   'a sign that says "hi"']
+
+
+@pytest.mark.parametrize("name,content", [
+    ("p.txt", "a red cat\nb\n"),
+    ("PartiPrompts.tsv", "Prompt\tCategory\na red cat\tAnimals\nb\tAnimals\n"),
+    ("photo.json", '["a red cat", "b"]'),
+])
+def test_a_byte_order_mark_is_not_part_of_the_text(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes("\ufeff".encode() + content.encode())
+    assert [p.prompt for p in read_prompts(f)] == ["a red cat", "b"]
+
+
+@pytest.mark.parametrize("name,content", [
+    ("p.tsv", b"Prompt\tCategory\ncaf\xe9\tFood\n"),
+    ("p.json", b'["caf\xe9"]'),
+    ("p.txt", b"caf\xe9\n"),
+])
+def test_non_utf8_bytes_name_the_file(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_bytes(content)
+    with pytest.raises(ValueError, match=rf"prompt file .*{name}: is not UTF-8 text"):
+        read_prompts(f)
+
+
+def test_repeated_prompts_are_dropped_with_a_warning(tmp_path):
+    f = tmp_path / "p.txt"
+    f.write_text("a cat\na dog\na cat\na cat\n")
+    with pytest.warns(UserWarning, match=r"p\.txt: 2 repeated prompt\(s\) dropped.*'a cat'"):
+        items = read_prompts(f)
+    assert [p.prompt for p in items] == ["a cat", "a dog"]

@@ -55,6 +55,11 @@ class StaleCacheError(ValueError):
     """The cache does not match what training expects (or is incomplete / missing)."""
 
 
+# What to do about a cache that does not match the config (every message that refuses one says it).
+REBUILD_HINT = ("Rebuild it for this config with `fastinpo cache CONFIG --overwrite` (replaces that cache), or set "
+                "data.cache_dir to a new folder and run `fastinpo cache CONFIG`.")
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.safetensors"
 
@@ -122,8 +127,8 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as err:
-        raise StaleCacheError(f"{path} is not valid JSON ({err}); delete the folder and re-run `fastinpo cache`") \
-            from err
+        raise StaleCacheError(f"{path} is not valid JSON ({err}); rebuild it with `fastinpo cache CONFIG "
+                              "--overwrite`") from err
 
 
 def _shard_ok(cache_dir: Path, entry: dict | None) -> bool:
@@ -221,7 +226,8 @@ def build_cache(dataset, encoder, cache_dir: str | os.PathLike, *, shard_size: i
         raise ValueError(
             f"the dataset uses random augmentation (crop={opts['crop']!r}, random_flip={opts['random_flip']}), "
             "which the official codes redraw every epoch; a cache would freeze one draw per pair. Use center crop "
-            "and no flip for caching, or pass allow_frozen_augmentation=True to accept the frozen draw."
+            "and no flip for caching (data.center_crop = true, data.random_flip = false), or pass "
+            "--allow-frozen-augmentation (allow_frozen_augmentation=True) to accept the frozen draw."
         )
     signature = expected_cache_signature(dataset, encoder, embed_dtype)
     edtype = _DTYPES[signature["embed_dtype"]]
@@ -232,15 +238,21 @@ def build_cache(dataset, encoder, cache_dir: str | os.PathLike, *, shard_size: i
     cache_dir.mkdir(parents=True, exist_ok=True)
     for stale_tmp in cache_dir.glob(".*.tmp-*"):  # leftovers of a write killed half-way
         stale_tmp.unlink()
-    manifest = read_manifest(cache_dir)
+    try:
+        manifest = read_manifest(cache_dir)
+    except StaleCacheError:
+        if not overwrite:
+            raise
+        _clear(cache_dir)  # an unreadable manifest, replaced on request
+        manifest = None
     if manifest is not None:
         problems = _diff(manifest.get("signature", {}), signature) + _diff(manifest.get("build", {}), options)
         if problems:
             if not overwrite:
                 raise StaleCacheError(
                     f"{cache_dir} already holds a cache built with other settings ("
-                    + "; ".join(problems) + "). Use another cache folder, or overwrite=True (`fastinpo cache "
-                    "--overwrite`) to delete it and rebuild.")
+                    + "; ".join(problems) + "). Use another data.cache_dir, or pass --overwrite (`fastinpo cache "
+                    "CONFIG --overwrite`; overwrite=True in Python) to delete it and rebuild.")
             _clear(cache_dir)
             manifest = None
     if manifest is None:
@@ -362,6 +374,20 @@ def _problems(cache_dir: Path, manifest: dict | None, expect: dict) -> list[str]
     return out
 
 
+def what_to_do(cache_dir: str | os.PathLike, expect: dict) -> str:
+    """The command that fixes a cache refused for ``expect``: build a missing one, finish an interrupted one (the
+    build resumes), or replace one made for other settings (a plain re-run would refuse that folder)."""
+    try:
+        manifest = read_manifest(cache_dir)
+    except StaleCacheError:
+        return REBUILD_HINT
+    if manifest is None:
+        return "Build it with `fastinpo cache CONFIG`."
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION or _diff(manifest.get("signature", {}), expect):
+        return REBUILD_HINT
+    return "Finish it with `fastinpo cache CONFIG`: the build resumes where it stopped and redoes missing shards."
+
+
 def cache_matches(cache_dir: str | os.PathLike, expect: dict) -> tuple[bool, list[str]]:
     """``(True, [])`` when ``cache_dir`` holds a complete cache whose signature matches ``expect`` (typically
     :func:`expected_cache_signature` of the training config), else ``(False, reasons)``."""
@@ -387,7 +413,7 @@ class CachedPairDataset(torch.utils.data.Dataset):
         if problems:
             raise StaleCacheError(
                 f"the cache at {self.cache_dir} does not match the training config:\n  - " + "\n  - ".join(problems)
-                + "\nRe-run `fastinpo cache CONFIG` to (re)build it for this config.")
+                + "\n" + what_to_do(self.cache_dir, expect))
         self.manifest = manifest
         self.signature = manifest["signature"]
         self.arch = self.signature["arch"]

@@ -8,9 +8,12 @@ bytes) and ``label_0``/``label_1`` (float, 1 = preferred), and yields :class:`fa
 Row semantics (SPEC §1):
 
 - ``label_0 == 1``: image 0 wins; ``label_0 == 0``: image 1 wins (the pair is swapped);
-- ``label_0 == 0.5``: a tie, dropped by default (all official codes drop ties); ``keep_ties=True`` keeps it with
-  image 0 as the winner (the diffusers example's behaviour);
-- anything else (NaN, null, 0.3, ``label_0 + label_1 != 1``): the row is unusable.
+- ``label_0 == 0.5``: a tie, dropped by default (all official codes drop ties); ``keep_ties=True``
+  (``data.keep_ties``) keeps it with image 0 as the winner (the diffusers example's behaviour);
+- anything else (NaN, null, 0.3, ``label_0 + label_1 != 1``): the row is unusable;
+- an empty, blank or null caption is a legitimate prompt (it is what caption dropout feeds): the row is kept and
+  trained with the caption ``""``, unless ``keep_empty_captions=False`` (``data.keep_empty_captions``) skips it;
+  a caption that is not text (a number...) is an error naming the row.
 
 Unusable rows are skipped and counted by reason in ``dataset.skipped`` (never mislabeled). The index of usable
 rows is built at construction from the caption and label columns only: the image columns of a real Pick-a-Pic
@@ -312,12 +315,15 @@ class PickAPicDataset(torch.utils.data.Dataset):
             the official constant ``(R, R, 0, 0, R, R)``.
         max_rows: keep only the first ``max_rows`` rows whose labels and caption are usable.
         seed: seed of the random crop / flip.
+        keep_empty_captions: keep rows whose caption is empty, blank or null, trained as the caption "" (the
+            caption that caption dropout feeds; default). False drops them as ``empty_caption``.
         verify_images: check every image's header at construction (reads all image bytes: slow on a real copy).
     """
 
     def __init__(self, path: str | os.PathLike, resolution: int, *, center_crop: bool = True,
                  random_flip: bool = False, keep_ties: bool = False, per_sample_time_ids: bool = False,
-                 max_rows: int | None = None, seed: int = 0, verify_images: bool = False):
+                 max_rows: int | None = None, seed: int = 0, verify_images: bool = False,
+                 keep_empty_captions: bool = True):
         if int(resolution) <= 0:
             raise ValueError(f"resolution must be a positive integer, got {resolution!r}")
         if max_rows is not None and int(max_rows) <= 0:
@@ -327,6 +333,7 @@ class PickAPicDataset(torch.utils.data.Dataset):
         self.center_crop = bool(center_crop)
         self.random_flip = bool(random_flip)
         self.keep_ties = bool(keep_ties)
+        self.keep_empty_captions = bool(keep_empty_captions)
         self.per_sample_time_ids = bool(per_sample_time_ids)
         self.max_rows = None if max_rows is None else int(max_rows)
         self.seed = int(seed)
@@ -358,7 +365,7 @@ class PickAPicDataset(torch.utils.data.Dataset):
             raise ValueError(
                 f"no usable preference pairs in {self.path} ({self._source.num_rows} rows read, columns "
                 f"{self._source.columns}); skipped by reason: {self.skipped or 'none'}"
-                + ("" if self.keep_ties else " (ties are dropped by default; keep_ties=True keeps them)")
+                + ("" if self.keep_ties else " (ties are dropped by default; data.keep_ties = true keeps them)")
             )
 
     # ------------------------------------------------------------------ index
@@ -389,8 +396,15 @@ class PickAPicDataset(torch.utils.data.Dataset):
                 incons = (is_win0 | is_win1 | is_tie) & ~(np.abs(l0 + l1 - 1.0) < 1e-6)
                 reason[incons & (reason == "")] = SKIP_INCONSISTENT_LABELS
             reason[is_tie & (reason == "") & (not self.keep_ties)] = SKIP_TIE
-            empty = np.array([c is None or not str(c).strip() for c in caps], dtype=bool)
-            reason[empty & (reason == "")] = SKIP_EMPTY_CAPTION
+            not_text = [(k, c) for k, c in enumerate(caps) if c is not None and not isinstance(c, str)]
+            if not_text:
+                k, c = not_text[0]
+                raise ValueError(f"{self.path}: the 'caption' column must hold text (or null), but row "
+                                 f"{offset + k} holds {type(c).__name__} {c!r} ({len(not_text)} such row(s) in "
+                                 "this batch of rows)")
+            if not self.keep_empty_captions:
+                empty = np.array([c is None or not c.strip() for c in caps], dtype=bool)
+                reason[empty & (reason == "")] = SKIP_EMPTY_CAPTION
             ok = reason == ""
             idx = np.nonzero(ok)[0]
             if self.max_rows is not None and found + len(idx) > self.max_rows:
@@ -437,6 +451,7 @@ class PickAPicDataset(torch.utils.data.Dataset):
             "random_flip": self.random_flip,
             "augmentation_seed": self.seed if self.random_augmentation else None,
             "keep_ties": self.keep_ties,
+            "keep_empty_captions": self.keep_empty_captions,
             "per_sample_time_ids": self.per_sample_time_ids,
             "max_rows": self.max_rows,
         }
@@ -462,7 +477,7 @@ class PickAPicDataset(torch.utils.data.Dataset):
         if self._swap[i]:
             im0, im1 = im1, im0
         pixels, time_ids = self._preprocess(im0, im1, row)
-        return PairRecord(RawPair(pixels=pixels, caption=str(raw["caption"]), time_ids=time_ids, row=row), None,
+        return PairRecord(RawPair(pixels=pixels, caption=raw["caption"] or "", time_ids=time_ids, row=row), None,
                           row, h)
 
     def __getitem__(self, i: int) -> RawPair:

@@ -14,7 +14,10 @@ and the problem for anything malformed.
 from __future__ import annotations
 
 import csv
+import io
 import json
+import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,13 +34,19 @@ def _fail(path: Path, problem: str) -> ValueError:
     return ValueError(f"prompt file {path}: {problem}")
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text as UTF-8; a leading byte-order mark (Windows editors write one) is dropped, so it cannot
+    become part of the first prompt or of a TSV's first column name."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise _fail(path, f"is not UTF-8 text ({err.reason} at byte {err.start})") from None
+
+
 def read_text(path: str | Path) -> list[PromptItem]:
     """One prompt per line; blank lines and lines starting with ``#`` are skipped."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise _fail(path, f"is not UTF-8 text ({err.reason} at byte {err.start})") from None
+    text = _read_utf8(path)
     items = [PromptItem(line.strip()) for line in text.splitlines()
              if line.strip() and not line.lstrip().startswith("#")]
     if not items:
@@ -48,8 +57,10 @@ def read_text(path: str | Path) -> list[PromptItem]:
 def read_parti(path: str | Path) -> list[PromptItem]:
     """PartiPrompts TSV (``PartiPrompts.tsv``): columns ``Prompt`` and ``Category`` (others ignored)."""
     path = Path(path)
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t")
+    # QUOTE_NONE: a tab-separated file has no quoting, and PartiPrompts has prompts that start with a quote mark
+    # ('"G I G G L E" painted ...'); the csv default would read them as quoted fields and drop the marks.
+    with io.StringIO(_read_utf8(path), newline="") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
         columns = reader.fieldnames or []
         missing = [c for c in ("Prompt", "Category") if c not in columns]
         if missing:
@@ -68,7 +79,7 @@ def read_parti(path: str | Path) -> list[PromptItem]:
 
 def _read_hpdv2_file(path: Path) -> list[PromptItem]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        data = json.loads(_read_utf8(path))
     except json.JSONDecodeError as err:
         raise _fail(path, f"is not valid JSON ({err.msg} at line {err.lineno})") from None
     if not isinstance(data, list) or not all(isinstance(p, str) for p in data):
@@ -141,4 +152,18 @@ def read_prompts(path: str | Path, format: str = "auto") -> list[PromptItem]:
     reader = {"pickapic": read_pickapic, "parti": read_parti, "hpdv2": read_hpdv2, "text": read_text}[fmt]
     if path.is_dir() and fmt in ("parti", "text"):
         raise _fail(path, f"is a folder; the {fmt} format reads a single file")
-    return reader(path)
+    return _unique(path, reader(path))
+
+
+def _unique(path: Path, items: list[PromptItem]) -> list[PromptItem]:
+    """Each prompt once, first occurrence kept. Samples are named and paired by prompt, so a repeated prompt
+    would sample twice and then make ``eval`` refuse the folder; dropping the repeats up front, with a warning
+    naming them, keeps the set usable."""
+    seen: dict[str, PromptItem] = {}
+    for item in items:
+        seen.setdefault(item.prompt, item)
+    if len(seen) < len(items):
+        example = next(p for p, n in Counter(i.prompt for i in items).items() if n > 1)
+        warnings.warn(f"prompt file {path}: {len(items) - len(seen)} repeated prompt(s) dropped (first occurrence "
+                      f"kept), e.g. {example!r}", stacklevel=3)
+    return list(seen.values())

@@ -154,30 +154,84 @@ def check_same_pairs(folders: Sequence[SampleFolder]) -> None:
                          "pair by pair (sample every model with the same prompts and seeds): " + "; ".join(problems))
 
 
-def _unique_names(paths: Sequence[Path]) -> list[str]:
-    names = [p.name for p in paths]
-    return names if len(set(names)) == len(names) else [str(p) for p in paths]
+# The sampling settings that change the images of a (prompt, seed): folders compared pair by pair must agree on them.
+COMPARED_SETTINGS = ("steps", "guidance_scale", "height", "width", "scheduler", "scheduler_class",
+                     "negative_prompt")
+
+
+def sampling_settings(folder: SampleFolder) -> dict[str, Any]:
+    """The folder's :data:`COMPARED_SETTINGS`, from ``settings.json`` or else its first metadata line (``None``
+    where neither says)."""
+    first = folder.records[0]
+    return {k: folder.settings.get(k, first.get(k)) for k in COMPARED_SETTINGS}
+
+
+def settings_differences(folders: Sequence[SampleFolder]) -> list[str]:
+    """One line per sampling setting in which a folder differs from the first."""
+    ref = sampling_settings(folders[0])
+    diffs = []
+    for f in folders[1:]:
+        other = sampling_settings(f)
+        diffs += [f"{k}: {ref[k]!r} in {folders[0].name} vs {other[k]!r} in {f.name}"
+                  for k in COMPARED_SETTINGS if other[k] != ref[k]]
+    return diffs
+
+
+def check_same_settings(folders: Sequence[SampleFolder], allow_different: bool = False) -> list[str]:
+    """Folders sampled with different settings (steps, CFG, resolution, scheduler, negative prompt) do not compare
+    like with like: an error naming each difference, or with ``allow_different`` the same lines as a loud
+    warning. Returns the differences."""
+    import warnings
+
+    diffs = settings_differences(folders)
+    if diffs and not allow_different:
+        raise ValueError("the folders were sampled with different settings, so a win rate would measure the "
+                         "settings, not the models: " + "; ".join(diffs) + ". Sample them again with the same "
+                         "settings, or pass --allow-different-settings to compare anyway")
+    if diffs:
+        warnings.warn("COMPARING FOLDERS SAMPLED WITH DIFFERENT SETTINGS: " + "; ".join(diffs), stacklevel=2)
+    return diffs
+
+
+def _unique_names(folders: Sequence[SampleFolder]) -> list[str]:
+    """Each folder's model name: the ``sample --name`` it was written with (else the folder's name); folder paths
+    where two names clash."""
+    names = [f.settings.get("name") or f.path.name for f in folders]
+    return names if len(set(names)) == len(names) else [str(f.path) for f in folders]
+
+
+def load_folders(folders: Sequence[str | Path | SampleFolder], *,
+                 allow_different_settings: bool = False) -> list[SampleFolder]:
+    """Read and check the folders to compare: each complete, all with the same (prompt, seed) set and the same
+    sampling settings. Cheap (metadata only), so ``eval`` runs it before any scorer's weights load."""
+    if not folders:
+        raise ValueError("give at least one sample folder")
+    read = [f if isinstance(f, SampleFolder) else read_folder(f) for f in folders]
+    for f, name in zip(read, _unique_names(read), strict=True):
+        f.name = name
+    check_same_pairs(read)
+    check_same_settings(read, allow_different_settings)
+    return read
 
 
 # ----------------------------------------------------------------------------------------------- run
-def run_eval(folders: Sequence[str | Path], scorers: dict[str, Scorer], out_dir: str | Path, *,
+def run_eval(folders: Sequence[str | Path | SampleFolder], scorers: dict[str, Scorer], out_dir: str | Path, *,
              not_run: dict[str, str] | None = None, n_bootstrap: int = 1000, seed: int = 0, level: float = 0.95,
-             chunk: int = 64, progress: bool = True) -> dict[str, Any]:
+             chunk: int = 64, progress: bool = True, allow_different_settings: bool = False) -> dict[str, Any]:
     """Score ``folders`` (outputs of ``fastinpo sample``) with ``scorers`` and write the report (module doc).
 
     ``not_run``: scorers that were asked for but not built, with the reason (reported, never given a score).
-    Pairs are (folders[i], folders[j]) for i < j: put the aligned model first to read "aligned vs base".
+    Pairs are (folders[i], folders[j]) for i < j, reported as "A vs B" with the win rate of A: put the aligned
+    model first to read "aligned vs base". Models are named by ``sample --name`` (else their folder's name).
+    Folders sampled with different settings are refused unless ``allow_different_settings``.
     Returns the summary written to ``summary.json``.
     """
     from tqdm.auto import tqdm
 
-    if not folders:
-        raise ValueError("give at least one sample folder")
     if not scorers:
         raise ValueError("no scorer to run: give at least one scorer's weights (or a reward function)")
-    paths = [Path(f) for f in folders]
-    sample_folders = [read_folder(p, n) for p, n in zip(paths, _unique_names(paths), strict=True)]
-    check_same_pairs(sample_folders)
+    sample_folders = load_folders(folders, allow_different_settings=allow_different_settings)
+    differences = settings_differences(sample_folders)  # empty unless allowed: load_folders refuses them
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -226,6 +280,8 @@ def run_eval(folders: Sequence[str | Path], scorers: dict[str, Scorer], out_dir:
         "models": [{"name": f.name, "folder": str(f.path), "n_images": len(f.records),
                     "model": f.settings.get("model"), "unet": f.settings.get("unet"), "lora": f.settings.get("lora")}
                    for f in sample_folders],
+        "sampling_settings": {f.name: sampling_settings(f) for f in sample_folders},
+        "settings_differences": differences,
         "scorers_run": list(scorers),
         "scorers_not_run": dict(not_run or {}),
         "means": means,
@@ -251,6 +307,16 @@ def format_report(summary: dict[str, Any]) -> str:
                  for s in (summary["means"][m["name"]][k] for k in scorers)]
         lines.append(f"| {m['name']} | " + " | ".join(cells) + " |")
     lines.append("")
+    settings = summary.get("sampling_settings", {})
+    if settings:
+        keys = list(next(iter(settings.values())))
+        lines += ["## Sampling settings", "", "| model | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+        lines += [f"| {name} | " + " | ".join(str(v) for v in vals.values()) + " |" for name, vals in settings.items()]
+        lines.append("")
+    if summary.get("settings_differences"):
+        lines += ["**Warning: these folders were sampled with different settings** (compared on request):", ""]
+        lines += [f"- {d}" for d in summary["settings_differences"]]
+        lines.append("")
     if summary["scorers_not_run"]:
         lines += ["Not run (no score is reported for these):", ""]
         lines += [f"- {k}: {v}" for k, v in summary["scorers_not_run"].items()]
@@ -260,7 +326,7 @@ def format_report(summary: dict[str, Any]) -> str:
         lines += ["## Win rates", "",
                   f"Win rate of A over B: same prompt and seed, ties count 0.5, averaged per prompt then over prompts; "
                   f"[{100 * b['level']:.0f}% bootstrap CI over prompts, {b['n']} resamples, seed {b['seed']}].", ""]
-        lines += ["| A vs B | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
+        lines += ["| A vs B (win rate of A: A wins) | " + " | ".join(scorers) + " |", "|---|" + "---|" * len(scorers)]
         pairs = list(dict.fromkeys((w["a"], w["b"]) for w in summary["win_rates"]))
         for a, bb in pairs:
             cells = []
@@ -361,9 +427,15 @@ def build_scorers(args: argparse.Namespace) -> tuple[dict[str, Scorer], dict[str
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    # the folders first: a mismatch must not wait for multi-GB scorer weights to load
+    folders = load_folders(args.folders, allow_different_settings=args.allow_different_settings)
+    for f in folders:
+        print(f"{f.name}: {f.path} ({len(f.records)} images) " +
+              ", ".join(f"{k}={v}" for k, v in sampling_settings(f).items()))
     scorers, not_run = build_scorers(args)
-    summary = run_eval(args.folders, scorers, args.out, not_run=not_run, n_bootstrap=args.bootstrap,
-                       seed=args.seed, progress=not args.no_progress)
+    summary = run_eval(folders, scorers, args.out, not_run=not_run, n_bootstrap=args.bootstrap,
+                       seed=args.seed, progress=not args.no_progress,
+                       allow_different_settings=args.allow_different_settings)
     print(format_report(summary))
     print(f"scores.jsonl, summary.json, report.md and scores.png written to {args.out}")
     return 0
@@ -373,7 +445,10 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     """Add ``eval`` to a ``fastinpo`` argparse subparsers object."""
     p = subparsers.add_parser("eval", help="score `sample` folders (PickScore, HPSv2, ImageReward, aesthetic, CLIP) "
                                            "and report win rates")
-    p.add_argument("folders", nargs="+", help="folders written by `fastinpo sample` (aligned model first)")
+    p.add_argument("folders", nargs="+", help="folders written by `fastinpo sample`, aligned model first: each pair "
+                                              "(A, B) in this order is reported as the win rate of A over B")
+    p.add_argument("--allow-different-settings", action="store_true",
+                   help="compare folders sampled with different steps/CFG/resolution/scheduler (warns loudly)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--pickscore", default=None, help="PickScore_v1 folder (transformers CLIPModel)")
     p.add_argument("--pickscore-processor", default=None,

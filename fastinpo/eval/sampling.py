@@ -45,6 +45,52 @@ def _resolve_unet_folder(path: str | Path) -> Path:
                             f"{path}/unet/config.json (fastinpo's export/unet/)")
 
 
+# What makes two UNets the same architecture: a state dict of one loads into the other.
+_ARCH_KEYS = ("in_channels", "out_channels", "block_out_channels", "cross_attention_dim", "addition_embed_type",
+              "down_block_types", "up_block_types", "transformer_layers_per_block", "layers_per_block")
+
+
+def _check_same_unet_architecture(model_folder: Path, unet_config: dict, what: str) -> None:
+    """Refuse a UNet made for another architecture than the base pipeline's (an SDXL UNet on an SD1.5 base),
+    naming each differing config key, before diffusers fails deep inside with a shape or type error."""
+    base = json.loads((model_folder / "unet" / "config.json").read_text())
+    diffs = [f"{k}: {unet_config.get(k)!r} vs the base's {base.get(k)!r}" for k in _ARCH_KEYS
+             if _norm(unet_config.get(k)) != _norm(base.get(k))]
+    if diffs:
+        raise ValueError(f"{what} was made for another architecture than the pipeline {model_folder} "
+                         f"({', '.join(diffs)}): give the base pipeline the UNet was trained from")
+
+
+def _norm(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
+
+
+def _check_lora_fits(unet, lora_file: Path, model_folder: Path) -> None:
+    """Refuse a LoRA whose adapted layers do not exist in this UNet or have other shapes (an SDXL LoRA on an
+    SD1.5 base), reading only the file's header. Keys of a layout this check does not know are left to diffusers."""
+    import re
+
+    from safetensors import safe_open
+
+    pattern = re.compile(r"^unet\.(.+)\.lora(?:_A|\.down)(?:\.[^.]+)?\.weight$")
+    modules = dict(unet.named_modules())
+    try:
+        with safe_open(str(lora_file), framework="pt") as f:
+            keys = [(m.group(1), f.get_slice(k).get_shape()) for k in f.keys() if (m := pattern.match(k))]
+    except Exception as err:  # safetensors raises its own error type for a damaged header
+        raise ValueError(f"LoRA file {lora_file} is not a readable safetensors file ({err})") from None
+    bad = []
+    for name, shape in keys:
+        module = modules.get(name)
+        in_features = getattr(module, "in_features", getattr(module, "in_channels", None))
+        if module is None or (in_features is not None and len(shape) >= 2 and shape[1] != in_features):
+            bad.append(name if module is None else f"{name} (input {shape[1]} vs {in_features})")
+    if bad:
+        raise ValueError(f"LoRA {lora_file} does not fit the UNet of {model_folder}: {len(bad)} of {len(keys)} "
+                         f"adapted layers are missing or of another shape (e.g. {bad[0]}); it was trained on another "
+                         "architecture (SD1.5 and SDXL LoRAs are not interchangeable)")
+
+
 def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Path | None = None,
                    scheduler: str = "ddim", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` from a local diffusers folder.
@@ -66,7 +112,12 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
     kwargs: dict[str, Any] = {}
     if unet is not None:
         if isinstance(unet, (str, Path)):
-            unet = UNet2DConditionModel.from_pretrained(_resolve_unet_folder(unet), torch_dtype=dtype)
+            unet_folder = _resolve_unet_folder(unet)
+            _check_same_unet_architecture(folder, json.loads((unet_folder / "config.json").read_text()),
+                                          f"UNet {unet_folder}")
+            unet = UNet2DConditionModel.from_pretrained(unet_folder, torch_dtype=dtype)
+        else:
+            _check_same_unet_architecture(folder, dict(unet.config), f"UNet {type(unet).__name__}")
         kwargs["unet"] = unet
     if arch == "sdxl":
         pipe = StableDiffusionXLPipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs)
@@ -77,13 +128,12 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
     if lora is not None:
         lora = Path(lora)
-        if lora.is_file():
-            pipe.load_lora_weights(str(lora.parent), weight_name=lora.name)
-        elif (lora / "pytorch_lora_weights.safetensors").is_file():
-            pipe.load_lora_weights(str(lora))
-        else:
+        lora_file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+        if not lora_file.is_file():
             raise FileNotFoundError(f"LoRA {lora}: expected a folder with pytorch_lora_weights.safetensors "
                                     "(fastinpo's export/lora/) or the .safetensors file itself")
+        _check_lora_fits(pipe.unet, lora_file, folder)
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     # device only: the parts already came in ``dtype`` from from_pretrained, which keeps the modules diffusers
     # wants in float32 there (a later .to(dtype) would cast them too); a UNet module passed in is used as it is
     pipe = pipe.to(device)
@@ -207,7 +257,8 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
 
     out = Path(out_dir)
     if (out / "metadata.jsonl").exists() and not overwrite:
-        raise ValueError(f"{out} already holds samples (metadata.jsonl): choose another folder or overwrite")
+        raise ValueError(f"{out} already holds samples (metadata.jsonl): choose another --out, or pass "
+                         "--overwrite (overwrite=True) to replace them")
     if isinstance(prompts, (str, Path)):
         source: str | None = str(prompts)
         items = read_prompts(prompts, prompt_format)
@@ -228,7 +279,8 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
     width = width or default_resolution(pipe)
     unet_desc = None if unet is None else (str(unet) if isinstance(unet, (str, Path)) else type(unet).__name__)
     settings = {
-        "name": name or Path(model).name, "model": str(model), "unet": unet_desc,
+        # the name given with --name, or None: eval then names the model after its sample folder
+        "name": name, "model": str(model), "unet": unet_desc,
         "lora": None if lora is None else str(lora), "scheduler": scheduler,
         "scheduler_class": type(pipe.scheduler).__name__, "steps": steps, "guidance_scale": guidance_scale,
         "height": height, "width": width, "batch_size": batch_size, "dtype": str(torch_dtype).replace("torch.", ""),
@@ -239,12 +291,15 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
     }
     pairs = [(pi, item, s) for pi, item in enumerate(items) for s in seeds]
     out.mkdir(parents=True, exist_ok=True)
-    for old in [out / "metadata.jsonl", *out.glob("[0-9][0-9][0-9][0-9][0-9].png")]:
+    for old in [out / "metadata.jsonl", out / "settings.json", *out.glob("[0-9][0-9][0-9][0-9][0-9].png")]:
         old.unlink(missing_ok=True)  # overwrite: no image of an earlier, larger run may survive
     rows, cols = min(len(items), sheet_max), min(len(seeds), sheet_max)
     cells: list[Image.Image | None] = [None] * (rows * cols)
     keep = {pi * len(seeds) + si: pi * cols + si for pi in range(rows) for si in range(cols)}
-    with (out / "metadata.jsonl").open("w", encoding="utf-8") as meta:
+    # metadata.jsonl appears only when every image is written: a failed or interrupted run leaves its record in
+    # metadata.jsonl.partial, which neither eval nor the next sample's refusal mistakes for a finished folder
+    partial = out / "metadata.jsonl.partial"
+    with partial.open("w", encoding="utf-8") as meta:
         for i, img in iter_generate(pipe, [p[1].prompt for p in pairs], [p[2] for p in pairs], steps=steps,
                                     guidance_scale=guidance_scale, height=height, width=width,
                                     batch_size=batch_size, negative_prompt=negative_prompt, progress=progress):
@@ -252,7 +307,7 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
             fname = f"{i:05d}.png"
             img.save(out / fname)
             record = {"index": i, "file": fname, "prompt": item.prompt, "category": item.category,
-                      "prompt_index": pi, "seed": seed, "model": settings["name"], "model_path": str(model),
+                      "prompt_index": pi, "seed": seed, "model": name or Path(model).name, "model_path": str(model),
                       "unet": unet_desc, "lora": settings["lora"], "scheduler": scheduler, "steps": steps,
                       "guidance_scale": guidance_scale, "height": height, "width": width}
             meta.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -261,6 +316,7 @@ def run_sample(model: str | Path, prompts: Sequence[Any] | str | Path, out_dir: 
                 cells[keep[i]] = img.copy()
     (out / "settings.json").write_text(json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
     contact_sheet(cells, rows, cols, labels=[items[r].prompt for r in range(rows)]).save(out / "contact_sheet.png")
+    partial.replace(out / "metadata.jsonl")
     return out
 
 

@@ -85,6 +85,11 @@ def detect_arch(folder: str | Path) -> str:
     SDXL is recognised by its second text encoder (or by a UNet with ``addition_embed_type="text_time"``).
     """
     folder = Path(folder)
+    if folder.is_file():
+        raise ValueError(f"model path {folder} is a file; fastinpo reads a diffusers pipeline folder (unet/, vae/, "
+                         "text_encoder/, tokenizer/, scheduler/ ...). A single-file checkpoint converts with diffusers:"
+                         " StableDiffusionPipeline (or StableDiffusionXLPipeline).from_single_file(FILE)"
+                         ".save_pretrained(FOLDER)")
     if not folder.is_dir():
         raise FileNotFoundError(f"model folder {folder} does not exist")
     unet_cfg_path = folder / "unet" / "config.json"
@@ -119,6 +124,27 @@ class PipelineComponents:
     scheduler_config: dict
 
 
+def check_weight_files(folder: str | Path) -> None:
+    """Every ``*.safetensors`` file of a model folder must be complete: its header parses and the file is as long
+    as the header says. Reads only the headers, so a truncated copy (an interrupted download or rsync) is one
+    error naming the file before any weight loads, not a chained traceback from deep inside ``from_pretrained``."""
+    for path in sorted(Path(folder).glob("*.safetensors")):
+        size = path.stat().st_size
+        try:
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("the header is cut off")
+                header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"weights file {path} is not a complete safetensors file ({err}; {size} bytes): copy "
+                             "it again") from None
+        if size < 8 + n + end:
+            raise ValueError(f"weights file {path} is truncated: {size} bytes, its header describes {8 + n + end} "
+                             "(an interrupted download or copy): copy it again")
+
+
 def load_components(folder: str | Path, *, load_unet: bool = True, load_vae: bool = True, load_text: bool = True,
                     dtype: torch.dtype = torch.float32, unet_dtype: torch.dtype = torch.float32) -> PipelineComponents:
     """Load an SD1.5 or SDXL pipeline from a local diffusers folder with diffusers' / transformers'
@@ -129,6 +155,10 @@ def load_components(folder: str | Path, *, load_unet: bool = True, load_vae: boo
 
     folder = Path(folder)
     arch = detect_arch(folder)
+    parts = (["unet"] if load_unet else []) + (["vae"] if load_vae else []) + (
+        ["text_encoder"] + (["text_encoder_2"] if arch == "sdxl" else []) if load_text else [])
+    for part in parts:
+        check_weight_files(folder / part)
     unet = (UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=unet_dtype)
             if load_unet else None)
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=dtype) if load_vae else None
@@ -183,9 +213,17 @@ class Encoder:
     SDXL: both encoders' penultimate hidden states concatenated, and encoder 2's projected pooled output).
     """
 
-    def __init__(self, components: PipelineComponents, device: torch.device | str = "cpu"):
+    def __init__(self, components: PipelineComponents, device: torch.device | str = "cpu", *,
+                 vae_slicing: bool = False, vae_tiling: bool = False):
+        """``vae_slicing``: encode one image at a time inside a call (peak memory of one image);
+        ``vae_tiling``: encode large images in overlapping tiles (less memory again; the latents differ slightly
+        from untiled ones). Both are diffusers' own (``AutoencoderKL.enable_slicing`` / ``enable_tiling``)."""
         if components.vae is None or not components.text_encoders:
             raise ValueError("Encoder needs the VAE and the text encoders (load_components(load_vae/load_text=True))")
+        if vae_slicing:
+            components.vae.enable_slicing()
+        if vae_tiling:
+            components.vae.enable_tiling()
         self.arch = components.arch
         self.device = torch.device(device)
         # the dtype is the one the parts were loaded in (load_components(dtype=...)): casting a loaded VAE

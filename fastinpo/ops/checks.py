@@ -78,3 +78,37 @@ def alpha_range(name: str, value: torch.Tensor, *, allow_one: bool = True) -> No
             f"{name} must lie in {interval} (cumulative products of alphas), got values such as "
             f"{bad[:4].tolist()}"
         )
+
+
+def finite_float(name: str, value, *, minimum: float | None = None) -> float:
+    """``value`` must be a real number (not a bool), finite, and ``>= minimum`` when one is given."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value) or (minimum is not None and value < minimum):
+        bound = "" if minimum is None else f" >= {minimum:g}"
+        raise ValueError(f"{name} must be a finite float{bound}, got {value}")
+    return value
+
+
+def cond_rows(name: str, cond, n: int) -> None:
+    """Every tensor of the conditioning pytree ``cond`` must hold one row per sample: ``n`` along dim 0 (the
+    models index and slice every leaf by sample). The error names the leaf."""
+
+    def walk(value, path: str) -> None:
+        if value is None:
+            return
+        if isinstance(value, torch.Tensor):
+            if value.dim() == 0 or value.shape[0] != n:
+                raise ValueError(f"{path} must have {n} rows (one per sample: winners then losers) along dim 0, "
+                                 f"got shape {tuple(value.shape)}")
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}[{k!r}]")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+        else:
+            raise TypeError(f"{path} must be a tensor, dict, list, tuple or None, got {type(value).__name__}")
+
+    walk(cond, name)

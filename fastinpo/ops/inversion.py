@@ -251,8 +251,8 @@ def inpo_invert(
                          f"{t.dtype} {tuple(t.shape)}")
     if t.device != z0.device and t.device.type != "cpu":
         raise ValueError(f"t must be on the CPU or on {z0.device} like z0, got {t.device}")
-    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not eta >= 0:
-        raise ValueError(f"eta must be a float >= 0, got {eta!r}")
+    eta = checks.finite_float("eta", eta, minimum=0.0)
+    checks.cond_rows("cond", cond, 2 * B)
     if generator is not None and not isinstance(generator, torch.Generator):
         generator = list(generator)
         if len(generator) != 2 * B or not all(isinstance(g, torch.Generator) for g in generator):
@@ -354,12 +354,13 @@ def inversion_dpo_trajectory(
         backend: backend of the inversion step.
     """
     checks.tensor("z0", z0)
-    checks.paired("z0", z0)
-    if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float)):
-        raise TypeError(f"guidance_scale must be a float, got {type(guidance_scale).__name__}")
+    B = checks.paired("z0", z0)
+    guidance_scale = checks.finite_float("guidance_scale", guidance_scale)
+    checks.cond_rows("cond", cond, 2 * B)
     grid = inversion_dpo_grid(schedule, num_steps)
     if uncond is None:
         uncond = zero_uncond(cond)
+    checks.cond_rows("uncond", uncond, 2 * B)
     advance = _trajectory_stepper(z0, schedule, grid, backend)
     x = z0.detach().to(reference.accumulation_dtype(z0.dtype))
     latents, eps_all = [], []

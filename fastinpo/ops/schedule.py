@@ -9,6 +9,7 @@ schedule is always built from a config (:meth:`NoiseSchedule.from_config`), neve
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -77,6 +78,22 @@ class NoiseSchedule:
     set_alpha_to_one: bool
     _device_tables: dict = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        # Checked once here, so that every consumer (the reference, Triton and C++ steps, the InPO target) sees a
+        # valid table, and every backend refuses the same schedules: the hot loops read it unchecked.
+        table = self.alphas_cumprod
+        if not isinstance(table, torch.Tensor) or table.dim() != 1 or table.numel() == 0:
+            raise ValueError("alphas_cumprod must be a non-empty 1-D tensor (num_train_timesteps >= 1), got "
+                             f"{tuple(table.shape) if isinstance(table, torch.Tensor) else type(table).__name__}")
+        bad = ~(torch.isfinite(table) & (table > 0) & (table < 1))
+        if bool(bad.any()):
+            t = int(bad.nonzero()[0])
+            raise ValueError(f"every ᾱ_t must lie in (0, 1) (a cumulative product of 1 - β_t with 0 < β_t < 1), got "
+                             f"ᾱ_{t} = {float(table[t])}: check the scheduler config's betas "
+                             "(beta_start, beta_end, beta_schedule, trained_betas)")
+        if not (math.isfinite(self.alpha_init) and 0 < self.alpha_init <= 1):
+            raise ValueError(f"alpha_init must lie in (0, 1], got {self.alpha_init}")
+
     @property
     def num_train_timesteps(self) -> int:
         return int(self.alphas_cumprod.shape[0])
@@ -95,6 +112,9 @@ class NoiseSchedule:
         raw = _load_config(config)
         raw.pop("_class_name", None)
         raw.pop("_diffusers_version", None)
+        steps = raw.get("num_train_timesteps", 1000)
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"num_train_timesteps must be an integer >= 1, got {steps!r}")
         sched = DDIMScheduler.from_config(raw)
         prediction_type = sched.config.prediction_type
         if prediction_type not in ("epsilon", "v_prediction"):

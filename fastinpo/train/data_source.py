@@ -73,7 +73,14 @@ class PairStream:
 
     def __init__(self, config: Config, *, model_folder, device: torch.device, encoder=None,
                  rank: int = 0, world_size: int = 1):
-        from fastinpo.data.cache import CachedPairDataset, StaleCacheError, cache_matches, expected_cache_signature
+        from fastinpo.data.cache import (
+            REBUILD_HINT,
+            CachedPairDataset,
+            StaleCacheError,
+            cache_matches,
+            expected_cache_signature,
+            what_to_do,
+        )
         from fastinpo.data.pickapic import PickAPicDataset
         from fastinpo.models.sd import encoder_signature
 
@@ -83,7 +90,8 @@ class PairStream:
         self.dataset = None
         self.cached = False
         raw = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids,
+                              keep_ties=d.keep_ties, keep_empty_captions=d.keep_empty_captions,
+                              per_sample_time_ids=d.per_sample_time_ids,
                               max_rows=d.max_rows, seed=config.train.seed) if d.path else None
         self.raw_dataset = raw
         if d.cache_dir:
@@ -93,8 +101,13 @@ class PairStream:
             ok, reasons = cache_matches(d.cache_dir, expect)
             if not ok:
                 raise StaleCacheError(f"the cache in {d.cache_dir} does not match this config:\n  "
-                                      + "\n  ".join(reasons) + "\nre-run `fastinpo cache` with this config")
+                                      + "\n  ".join(reasons) + "\n" + what_to_do(d.cache_dir, expect))
             self.dataset = CachedPairDataset(d.cache_dir, expect=expect)
+            if d.latent_sample and not self.dataset.has_std:
+                # without the std the run would train on the posterior mean while its config says "sample"
+                raise StaleCacheError(f"the cache in {d.cache_dir} holds no posterior std (built with "
+                                      "data.latent_sample = false), but this run draws latent samples "
+                                      "(data.latent_sample = true). " + REBUILD_HINT)
             self.cached = True
             self.data_signature = {**expect, "encoded_by": "cache"}
             prompt, pooled = self.dataset.empty_caption()

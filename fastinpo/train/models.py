@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from fastinpo.config import Config
+from fastinpo.config import Config, symmetry_breaking_problems
 from fastinpo.methods.base import Models
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -48,27 +48,6 @@ class TrainingModels:
                 target[name].copy_(p)
 
 
-def check_symmetry_breaking(config: Config) -> None:
-    """Inversion-DPO has an exactly zero gradient while the policy equals the reference (SPEC §4): refuse a run
-    that would train nothing, unless an explicit, valid symmetry-breaking choice is configured."""
-    if config.method.name != "inversion-dpo":
-        return
-    choice = config.method.symmetry_breaking
-    lora = config.lora.rank > 0
-    if choice == "none":
-        raise ValueError(
-            "Inversion-DPO would train nothing: at the start the policy equals the reference, and both the loss "
-            "and its gradient are exactly 0 there (SPEC §4). Choose how to leave that point: "
-            "method.symmetry_breaking = 'lora-init' (LoRA with lora.init = 'gaussian': non-zero adapters) or "
-            "'reference-dtype' (full fine-tuning with model.reference_dtype = 'bfloat16' or 'float16', as the "
-            "released code's bf16 reference does).")
-    if choice == "lora-init" and not (lora and config.lora.init == "gaussian"):
-        raise ValueError("method.symmetry_breaking = 'lora-init' needs lora.rank > 0 and lora.init = 'gaussian'")
-    if choice == "reference-dtype" and (lora or config.model.reference_dtype == "float32"):
-        raise ValueError("method.symmetry_breaking = 'reference-dtype' needs full fine-tuning (lora.rank = 0) and "
-                         "model.reference_dtype = 'bfloat16' or 'float16'")
-
-
 def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = True):
     """The policy UNet before any reference copy or distribution: ``model.unet_init``, the float32 check, the
     attention kernel, LoRA adapters (frozen base) or full ``requires_grad``. Returns ``(unet, lora)``. ``move``
@@ -76,7 +55,9 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
     time instead of materialising a full copy on every GPU first."""
     from diffusers import UNet2DConditionModel
 
-    check_symmetry_breaking(config)
+    problems = symmetry_breaking_problems(config)  # train() checks it before anything loads; also here, at its use
+    if problems:
+        raise ValueError(problems[0])
     if config.model.unet_init:
         unet = UNet2DConditionModel.from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
     if next(unet.parameters()).dtype != torch.float32:
