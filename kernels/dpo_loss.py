@@ -8,10 +8,12 @@ Design (one forward pass over the big tensors, at most one backward pass, determ
    (SDXL: 4×128×128) is thus spread over many programs, and there are no atomics: every partial has its own slot.
 2. ``_dpo_epilogue_kernel``: one program reads the (small) partials buffer in a fixed order, and writes the
    per-sample errors, the logits, the loss and the implicit accuracy. Same input → bit-identical output.
+   ``LOSS_TYPE`` (constexpr) picks the per-pair loss of SPEC §2: 0 sigmoid ``softplus(-z)``, 1 hinge
+   ``relu(1 - z)``, 2 IPO ``((z - 1/2) / tau)^2`` with ``tau = beta/2``.
 3. ``_dpo_grad_kernel``: the only backward pass, ``coef_i * 2 * (model_pred - target) / n`` in ``model_pred``'s
    dtype, where ``coef_i`` (∂loss/∂m_i, including any gradient flowing into ``logits`` or ``model_mse``) is
-   computed per program from a handful of scalars. Saved for backward: ``model_pred``, the target inputs, and the
-   ``(B,)`` logits; ``ref_pred`` is never saved.
+   computed per program from a handful of scalars (with the derivative of the same ``LOSS_TYPE``). Saved for
+   backward: ``model_pred``, the target inputs, and the ``(B,)`` logits; ``ref_pred`` is never saved.
 
 Everything goes through two ``torch.library`` custom ops (``fastinpo_triton::dpo_fwd`` / ``dpo_bwd``) with fake
 implementations, so ``torch.compile(fullgraph=True)`` traces a caller of the public loss. The same ops serve the
@@ -21,14 +23,32 @@ per-step weights are applied in the epilogue, and there is no reference term.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from fastinpo.outputs import DPOLossOutput
+from fastinpo.reference import LOSS_TYPES
 
 #: input dtypes the kernels take (float64 stays on the reference: the kernels accumulate in float32)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``LOSS_TYPE`` constexpr of the kernels for each ``loss_type`` name
+LOSS_TYPE_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
+
+
+def on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU, not on the current one (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def loss_type_code(loss_type: str) -> int:
+    """The kernels' ``LOSS_TYPE`` for ``loss_type``; a clear error for an unknown name."""
+    if loss_type not in LOSS_TYPE_CODES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of: {', '.join(LOSS_TYPES)}")
+    return LOSS_TYPE_CODES[loss_type]
 
 # Grid axes 1 and 2 are limited to 65535 on CUDA: chunks go on axis 1, so a chunk grows before it overflows.
 _MAX_GRID_YZ = 65535
@@ -121,6 +141,31 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _pair_loss(z, tau, LOSS_TYPE: tl.constexpr):
+    """The per-pair loss of the logits ``z`` (SPEC §2; ``reference.preference_loss``)."""
+    if LOSS_TYPE == 0:
+        out = _softplus(-z)
+    elif LOSS_TYPE == 1:
+        out = tl.maximum(1.0 - z, 0.0)
+    else:
+        q = tl.div_rn(z - 0.5, tau)
+        out = q * q
+    return out
+
+
+@triton.jit
+def _pair_loss_grad(z, tau, LOSS_TYPE: tl.constexpr):
+    """d(per-pair loss)/dz; at the hinge's kink (z = 1) 0, as torch's relu."""
+    if LOSS_TYPE == 0:
+        out = -_sigmoid(-z)
+    elif LOSS_TYPE == 1:
+        out = tl.where(z < 1.0, -1.0, 0.0)
+    else:
+        out = 2.0 * tl.div_rn(tl.div_rn(z - 0.5, tau), tau)
+    return out
+
+
+@triton.jit
 def _dpo_epilogue_kernel(
     part_ptr,
     w_ptr,
@@ -135,10 +180,12 @@ def _dpo_epilogue_kernel(
     num_steps,
     slot,
     k,
+    tau,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_REF: tl.constexpr,
     HAS_W: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
 ):
     # A single program: the partials buffer is tiny (2 × 2B × chunks floats), and one program is what makes
     # the loss a fixed-order (deterministic) reduction without a second launch.
@@ -178,7 +225,7 @@ def _dpo_epilogue_kernel(
         tl.store(r_ptr + bb, rw, mask=bm)
         tl.store(r_ptr + B + bb, rl, mask=bm)
         tl.store(logits_ptr + bb, logits, mask=bm)
-        loss_sum += tl.sum(tl.where(bm, _softplus(-logits), 0.0), axis=0)
+        loss_sum += tl.sum(tl.where(bm, _pair_loss(logits, tau, LOSS_TYPE), 0.0), axis=0)
         n_pos += tl.sum(tl.where(bm & (logits > 0), 1.0, 0.0), axis=0)
         n_zero += tl.sum(tl.where(bm & (logits == 0), 1.0, 0.0), axis=0)
     tl.store(loss_ptr, loss_sum / B)
@@ -201,6 +248,7 @@ def _dpo_grad_kernel(
     n,
     num_steps,
     k,
+    tau,
     a_stride,
     t_stride,
     z_stride,
@@ -208,6 +256,7 @@ def _dpo_grad_kernel(
     INPO: tl.constexpr,
     HAS_W: tl.constexpr,
     COEF_GIVEN: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
 ):
     # blocks on axis 0 (no 65535 limit), rows on axis 1
     blk = tl.program_id(0)
@@ -219,8 +268,8 @@ def _dpo_grad_kernel(
     else:
         b = s % B
         logit = tl.load(logits_ptr + b)
-        # d loss / d logit_b = -sigmoid(-logit_b) / B, plus any gradient flowing into the logits output
-        g_logit = tl.load(glogits_ptr + b) + tl.load(gloss_ptr) * (-_sigmoid(-logit) / B)
+        # d loss / d logit_b = (per-pair loss)'(logit_b) / B, plus any gradient flowing into the logits output
+        g_logit = tl.load(glogits_ptr + b) + tl.load(gloss_ptr) * (_pair_loss_grad(logit, tau, LOSS_TYPE) / B)
         # logits = k ((m_w - m_l) - ...): d logit / d m is +k for winners, -k for losers
         sgn = 1.0 - 2.0 * (s >= B).to(tl.float32)
         coef = tl.load(gm_ptr + s) + sgn * k * g_logit
@@ -286,29 +335,30 @@ def sumsq_partials(a, b, t, z=None, alpha=None, *, block=None, tiles=None):
     S = 2 if b is not None else 1
     part = torch.empty((S, rows, C), dtype=torch.float32, device=a.device)
     inpo = z is not None
-    _sumsq_partials_kernel[(rows, C)](
-        a,
-        b if b is not None else a,
-        t,
-        z if inpo else t,
-        alpha if inpo else part,
-        part,
-        n,
-        C,
-        a.stride(0),
-        b.stride(0) if b is not None else 0,
-        t.stride(0),
-        z.stride(0) if inpo else 0,
-        rows * C,
-        BLOCK=BLOCK,
-        TILES=TILES,
-        HAS_B=b is not None,
-        INPO=inpo,
-    )
+    with on_device(a):
+        _sumsq_partials_kernel[(rows, C)](
+            a,
+            b if b is not None else a,
+            t,
+            z if inpo else t,
+            alpha if inpo else part,
+            part,
+            n,
+            C,
+            a.stride(0),
+            b.stride(0) if b is not None else 0,
+            t.stride(0),
+            z.stride(0) if inpo else 0,
+            rows * C,
+            BLOCK=BLOCK,
+            TILES=TILES,
+            HAS_B=b is not None,
+            INPO=inpo,
+        )
     return part
 
 
-def _epilogue(part, weights, B, n, num_steps, k, has_ref):
+def _epilogue(part, weights, B, n, num_steps, k, has_ref, loss_type="sigmoid"):
     C = part.shape[-1]
     dev = part.device
     m = torch.empty(2 * B, dtype=torch.float32, device=dev)
@@ -318,25 +368,28 @@ def _epilogue(part, weights, B, n, num_steps, k, has_ref):
     acc = torch.empty((), dtype=torch.float32, device=dev)
     BLOCK_B = min(64, triton.next_power_of_2(B))
     BLOCK_C = min(max(16, triton.next_power_of_2(C)), max(16, 4096 // BLOCK_B))
-    _dpo_epilogue_kernel[(1,)](
-        part,
-        weights if weights is not None else part,
-        m,
-        r,
-        logits,
-        loss,
-        acc,
-        B,
-        n,
-        C,
-        num_steps,
-        2 * B * C,  # elements per slot of the partials buffer
-        float(k),
-        BLOCK_B=BLOCK_B,
-        BLOCK_C=BLOCK_C,
-        HAS_REF=has_ref,
-        HAS_W=weights is not None,
-    )
+    with on_device(part):
+        _dpo_epilogue_kernel[(1,)](
+            part,
+            weights if weights is not None else part,
+            m,
+            r,
+            logits,
+            loss,
+            acc,
+            B,
+            n,
+            C,
+            num_steps,
+            2 * B * C,  # elements per slot of the partials buffer
+            float(k),
+            abs(float(k)),  # tau = beta / 2 (IPO)
+            BLOCK_B=BLOCK_B,
+            BLOCK_C=BLOCK_C,
+            HAS_REF=has_ref,
+            HAS_W=weights is not None,
+            LOSS_TYPE=loss_type_code(loss_type),
+        )
     return loss, logits, m, r, acc
 
 
@@ -350,12 +403,26 @@ def _unpack(a: torch.Tensor, batch_dims: int):
 
 
 def grad_rows(
-    coef_or_none, a, t, z, alpha, weights, batch_dims, k, *, grads=None, logits=None, block=None, num_steps=None
+    coef_or_none,
+    a,
+    t,
+    z,
+    alpha,
+    weights,
+    batch_dims,
+    k,
+    *,
+    grads=None,
+    logits=None,
+    block=None,
+    num_steps=None,
+    loss_type="sigmoid",
 ):
     """Launch the backward kernel; returns the gradient of ``a`` (contiguous, ``a``'s dtype and shape).
 
     With ``coef_or_none`` (a ``(2B,)`` float32 ∂loss/∂m) the DPO epilogue's gradient is skipped; ``num_steps``
-    overrides the ``N`` that the weights are divided by (one step of an N-step loss).
+    overrides the ``N`` that the weights are divided by (one step of an N-step loss); ``loss_type`` is the
+    forward's (its derivative enters the coefficient).
     """
     rows, R2, N, n = _unpack(a, batch_dims)
     if num_steps is not None:
@@ -372,29 +439,32 @@ def grad_rows(
     else:
         gloss, glogits, gm = grads
         lg = logits
-    _dpo_grad_kernel[(triton.cdiv(n, BLOCK), rows)](
-        ar,
-        tr,
-        zr,
-        alpha if alpha is not None else tr,
-        weights if weights is not None else tr,
-        gloss,
-        glogits,
-        gm,
-        lg,
-        grad,
-        B,
-        n,
-        N,
-        float(k),
-        ar.stride(0),
-        tr.stride(0),
-        zr.stride(0),
-        BLOCK=BLOCK,
-        INPO=z is not None,
-        HAS_W=weights is not None,
-        COEF_GIVEN=coef_or_none is not None,
-    )
+    with on_device(a):
+        _dpo_grad_kernel[(triton.cdiv(n, BLOCK), rows)](
+            ar,
+            tr,
+            zr,
+            alpha if alpha is not None else tr,
+            weights if weights is not None else tr,
+            gloss,
+            glogits,
+            gm,
+            lg,
+            grad,
+            B,
+            n,
+            N,
+            float(k),
+            abs(float(k)),  # tau = beta / 2 (IPO)
+            ar.stride(0),
+            tr.stride(0),
+            zr.stride(0),
+            BLOCK=BLOCK,
+            INPO=z is not None,
+            HAS_W=weights is not None,
+            COEF_GIVEN=coef_or_none is not None,
+            LOSS_TYPE=loss_type_code(loss_type),
+        )
     return grad
 
 
@@ -409,12 +479,14 @@ def dpo_fwd(
     weights: torch.Tensor | None,
     batch_dims: int,
     k: float,
+    loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, logits, m, r, acc)`` of a DPO-family loss (see the module docstring).
 
     ``a``: policy predictions ``(2B, ...)`` (``batch_dims=1``) or ``(N, 2B, ...)`` (``batch_dims=2``, with
     per-step ``weights``); ``b``: reference predictions or None; ``t``: the target (or ``x̃`` with ``z``/``alpha``
-    for the InPO target, or the reference predictions for Inversion-DPO); ``k = sign * 0.5 * beta``.
+    for the InPO target, or the reference predictions for Inversion-DPO); ``k = sign * 0.5 * beta``;
+    ``loss_type``: ``"sigmoid"``, ``"hinge"`` or ``"ipo"`` (SPEC §2).
     """
     rows, R2, N, n = _unpack(a, batch_dims)
     part = sumsq_partials(
@@ -424,11 +496,11 @@ def dpo_fwd(
         as_rows(z, rows) if z is not None else None,
         alpha,
     )
-    return _epilogue(part, weights, R2 // 2, n, N, k, has_ref=b is not None)
+    return _epilogue(part, weights, R2 // 2, n, N, k, has_ref=b is not None, loss_type=loss_type)
 
 
 @dpo_fwd.register_fake
-def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k):
+def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k, loss_type="sigmoid"):
     R2 = a.shape[batch_dims - 1]
     f32 = dict(dtype=torch.float32, device=a.device)
     return (
@@ -453,23 +525,27 @@ def dpo_bwd(
     weights: torch.Tensor | None,
     batch_dims: int,
     k: float,
+    loss_type: str = "sigmoid",
 ) -> torch.Tensor:
     """Gradient of a DPO-family loss with respect to ``a`` (one pass; ``a``'s dtype)."""
     f32 = dict(dtype=torch.float32, device=a.device)
     grads = (g_loss.to(**f32).contiguous(), g_logits.to(**f32).contiguous(), g_m.to(**f32).contiguous())
-    return grad_rows(None, a, t, z, alpha, weights, batch_dims, k, grads=grads, logits=logits.contiguous())
+    return grad_rows(
+        None, a, t, z, alpha, weights, batch_dims, k, grads=grads, logits=logits.contiguous(), loss_type=loss_type
+    )
 
 
 @dpo_bwd.register_fake
-def _dpo_bwd_fake(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, batch_dims, k):
+def _dpo_bwd_fake(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, batch_dims, k, loss_type="sigmoid"):
     return torch.empty(a.shape, dtype=a.dtype, device=a.device)
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, t, z, alpha, weights, batch_dims, k = inputs
+    a, b, t, z, alpha, weights, batch_dims, k, loss_type = inputs
     ctx.save_for_backward(a, t, z, alpha, weights, output[1])
     ctx.batch_dims = batch_dims
     ctx.k = k
+    ctx.loss_type = loss_type
 
 
 def _backward(ctx, g_loss, g_logits, g_m, g_r, g_acc):
@@ -480,8 +556,8 @@ def _backward(ctx, g_loss, g_logits, g_m, g_r, g_acc):
     g_loss = g_loss if g_loss is not None else torch.zeros((), **f32)
     g_logits = g_logits if g_logits is not None else torch.zeros((R2 // 2,), **f32)
     g_m = g_m if g_m is not None else torch.zeros((R2,), **f32)
-    grad = dpo_bwd(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, ctx.batch_dims, ctx.k)
-    return grad, None, None, None, None, None, None, None
+    grad = dpo_bwd(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, ctx.batch_dims, ctx.k, ctx.loss_type)
+    return grad, None, None, None, None, None, None, None, None
 
 
 dpo_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -499,22 +575,26 @@ def _check_dtypes(**tensors):
             raise TypeError(f"{name}: the triton kernels take float32/float16/bfloat16, got {x.dtype}")
 
 
-def diffusion_dpo_loss(model_pred, ref_pred, target, beta) -> DPOLossOutput:
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid") -> DPOLossOutput:
     """Fused Diffusion-DPO loss: same signature and result as ``reference.diffusion_dpo_loss``."""
     _check_dtypes(model_pred=model_pred, ref_pred=ref_pred, target=target)
-    out = dpo_fwd(model_pred, ref_pred.detach(), target.detach(), None, None, None, 1, _k(beta, -1.0))
+    loss_type_code(loss_type)
+    out = dpo_fwd(model_pred, ref_pred.detach(), target.detach(), None, None, None, 1, _k(beta, -1.0), loss_type)
     return DPOLossOutput(*out)
 
 
-def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta) -> DPOLossOutput:
-    """Fused DDIM-InPO loss: ``diffusion_dpo_loss(model_pred, ref_pred, inpo_target(x_t, z0, alpha_t), beta)``
-    with the target ``ε* = (x̃ - sqrt(ᾱ_t) z0) / sqrt(1 - ᾱ_t)`` computed in-kernel (never materialized).
+def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta, loss_type="sigmoid") -> DPOLossOutput:
+    """Fused DDIM-InPO loss: ``diffusion_dpo_loss(model_pred, ref_pred, inpo_target(x_t, z0, alpha_t), beta,
+    loss_type)`` with the target ``ε* = (x̃ - sqrt(ᾱ_t) z0) / sqrt(1 - ᾱ_t)`` computed in-kernel (never
+    materialized).
 
     Args:
         model_pred, ref_pred, x_t, z0: ``(2B, ...)`` on one device, same shape.
         alpha_t: ``(2B,)`` ᾱ of each sample's sampled ``t``, in (0, 1).
+        beta: temperature > 0; loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"`` (SPEC §2).
     """
     _check_dtypes(model_pred=model_pred, ref_pred=ref_pred, x_t=x_t, z0=z0)
+    loss_type_code(loss_type)
     if not (model_pred.shape == ref_pred.shape == x_t.shape == z0.shape):
         raise ValueError(
             f"shapes must match: model_pred {tuple(model_pred.shape)}, ref_pred {tuple(ref_pred.shape)}, "
@@ -525,5 +605,5 @@ def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta) -> DPOLossOutput
     if alpha_t.shape != (model_pred.shape[0],):
         raise ValueError(f"alpha_t must be ({model_pred.shape[0]},), got {tuple(alpha_t.shape)}")
     alpha = alpha_t.detach().to(device=model_pred.device, dtype=torch.float32).contiguous()
-    out = dpo_fwd(model_pred, ref_pred.detach(), x_t.detach(), z0.detach(), alpha, None, 1, _k(beta, -1.0))
+    out = dpo_fwd(model_pred, ref_pred.detach(), x_t.detach(), z0.detach(), alpha, None, 1, _k(beta, -1.0), loss_type)
     return DPOLossOutput(*out)
