@@ -41,10 +41,14 @@ def _with_loss_type(op: str, backend_name: str, fn):
     """
     if backend_name != "triton":
         return fn
-    import importlib
+    # plain import statements (not importlib): torch.compile(fullgraph=True) traces through them
+    if op == "diffusion_dpo_loss":
+        from fastinpo.kernels import dpo_loss
 
-    module = "dpo_loss" if op == "diffusion_dpo_loss" else "inversion_dpo"
-    return getattr(importlib.import_module(f"fastinpo.kernels.{module}"), op)
+        return dpo_loss.diffusion_dpo_loss
+    from fastinpo.kernels import inversion_dpo
+
+    return inversion_dpo.inversion_dpo_loss
 
 
 def _check_paired_preds(names: tuple[str, ...], values: tuple[torch.Tensor, ...], batch_dim: int) -> int:

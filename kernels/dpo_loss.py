@@ -180,7 +180,6 @@ def _dpo_epilogue_kernel(
     num_steps,
     slot,
     k,
-    tau,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_REF: tl.constexpr,
@@ -190,6 +189,7 @@ def _dpo_epilogue_kernel(
     # A single program: the partials buffer is tiny (2 × 2B × chunks floats), and one program is what makes
     # the loss a fixed-order (deterministic) reduction without a second launch.
     ob = tl.arange(0, BLOCK_B)
+    tau = tl.abs(k)  # beta / 2 (IPO)
     zero_vec = tl.zeros([BLOCK_B], dtype=tl.float32)
     loss_sum = tl.sum(zero_vec, axis=0)
     n_pos = tl.sum(zero_vec, axis=0)
@@ -248,7 +248,6 @@ def _dpo_grad_kernel(
     n,
     num_steps,
     k,
-    tau,
     a_stride,
     t_stride,
     z_stride,
@@ -257,6 +256,9 @@ def _dpo_grad_kernel(
     HAS_W: tl.constexpr,
     COEF_GIVEN: tl.constexpr,
     LOSS_TYPE: tl.constexpr,
+    HAS_GLOSS: tl.constexpr,
+    HAS_GLOGITS: tl.constexpr,
+    HAS_GM: tl.constexpr,
 ):
     # blocks on axis 0 (no 65535 limit), rows on axis 1
     blk = tl.program_id(0)
@@ -266,13 +268,21 @@ def _dpo_grad_kernel(
         # the caller gives d loss / d m_s directly (memory-light two-pass Inversion-DPO gradient)
         coef = tl.load(gm_ptr + s).to(tl.float32)
     else:
+        # Outputs that did not reach the loss send no gradient (HAS_* False, nothing loaded or allocated for them).
         b = s % B
-        logit = tl.load(logits_ptr + b)
-        # d loss / d logit_b = (per-pair loss)'(logit_b) / B, plus any gradient flowing into the logits output
-        g_logit = tl.load(glogits_ptr + b) + tl.load(gloss_ptr) * (_pair_loss_grad(logit, tau, LOSS_TYPE) / B)
+        tau = tl.abs(k)  # beta / 2 (IPO)
+        g_logit = tl.zeros([1], dtype=tl.float32)
+        if HAS_GLOSS:
+            # d loss / d logit_b = (per-pair loss)'(logit_b) / B
+            logit = tl.load(logits_ptr + b)
+            g_logit += tl.load(gloss_ptr) * (_pair_loss_grad(logit, tau, LOSS_TYPE) / B)
+        if HAS_GLOGITS:  # any gradient flowing into the logits output
+            g_logit += tl.load(glogits_ptr + b)
         # logits = k ((m_w - m_l) - ...): d logit / d m is +k for winners, -k for losers
         sgn = 1.0 - 2.0 * (s >= B).to(tl.float32)
-        coef = tl.load(gm_ptr + s) + sgn * k * g_logit
+        coef = tl.sum(sgn * k * g_logit, axis=0)
+        if HAS_GM:  # any gradient flowing into the model_mse output
+            coef += tl.load(gm_ptr + s)
     if HAS_W:
         coef = coef * tl.load(w_ptr + row // (2 * B)).to(tl.float32) / num_steps
     scale = coef * 2.0 / n
@@ -383,7 +393,6 @@ def _epilogue(part, weights, B, n, num_steps, k, has_ref, loss_type="sigmoid"):
             num_steps,
             2 * B * C,  # elements per slot of the partials buffer
             float(k),
-            abs(float(k)),  # tau = beta / 2 (IPO)
             BLOCK_B=BLOCK_B,
             BLOCK_C=BLOCK_C,
             HAS_REF=has_ref,
@@ -422,7 +431,8 @@ def grad_rows(
 
     With ``coef_or_none`` (a ``(2B,)`` float32 ∂loss/∂m) the DPO epilogue's gradient is skipped; ``num_steps``
     overrides the ``N`` that the weights are divided by (one step of an N-step loss); ``loss_type`` is the
-    forward's (its derivative enters the coefficient).
+    forward's (its derivative enters the coefficient). ``grads = (g_loss, g_logits, g_m)``: float32 contiguous, or
+    ``None`` for an output that sends no gradient.
     """
     rows, R2, N, n = _unpack(a, batch_dims)
     if num_steps is not None:
@@ -436,8 +446,11 @@ def grad_rows(
     BLOCK = block or 1024
     if coef_or_none is not None:
         gm, gloss, glogits, lg = coef_or_none, coef_or_none, coef_or_none, coef_or_none
+        present = (False, False, False)
     else:
         gloss, glogits, gm = grads
+        present = tuple(g is not None for g in grads)
+        gloss, glogits, gm = (g if g is not None else logits for g in grads)  # placeholders, never read
         lg = logits
     with on_device(a):
         _dpo_grad_kernel[(triton.cdiv(n, BLOCK), rows)](
@@ -455,7 +468,6 @@ def grad_rows(
             n,
             N,
             float(k),
-            abs(float(k)),  # tau = beta / 2 (IPO)
             ar.stride(0),
             tr.stride(0),
             zr.stride(0),
@@ -464,6 +476,9 @@ def grad_rows(
             HAS_W=weights is not None,
             COEF_GIVEN=coef_or_none is not None,
             LOSS_TYPE=loss_type_code(loss_type),
+            HAS_GLOSS=present[0],
+            HAS_GLOGITS=present[1],
+            HAS_GM=present[2],
         )
     return grad
 
@@ -514,9 +529,9 @@ def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k, loss_type="sigmoid"
 
 @torch.library.custom_op("fastinpo_triton::dpo_bwd", mutates_args=())
 def dpo_bwd(
-    g_loss: torch.Tensor,
-    g_logits: torch.Tensor,
-    g_m: torch.Tensor,
+    g_loss: torch.Tensor | None,
+    g_logits: torch.Tensor | None,
+    g_m: torch.Tensor | None,
     logits: torch.Tensor,
     a: torch.Tensor,
     t: torch.Tensor,
@@ -527,9 +542,10 @@ def dpo_bwd(
     k: float,
     loss_type: str = "sigmoid",
 ) -> torch.Tensor:
-    """Gradient of a DPO-family loss with respect to ``a`` (one pass; ``a``'s dtype)."""
+    """Gradient of a DPO-family loss with respect to ``a`` (one pass; ``a``'s dtype). A ``None`` output gradient
+    (that output did not reach what is differentiated) is skipped in-kernel, not materialised as zeros."""
     f32 = dict(dtype=torch.float32, device=a.device)
-    grads = (g_loss.to(**f32).contiguous(), g_logits.to(**f32).contiguous(), g_m.to(**f32).contiguous())
+    grads = tuple(g.to(**f32).contiguous() if g is not None else None for g in (g_loss, g_logits, g_m))
     return grad_rows(
         None, a, t, z, alpha, weights, batch_dims, k, grads=grads, logits=logits.contiguous(), loss_type=loss_type
     )
@@ -542,6 +558,8 @@ def _dpo_bwd_fake(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, batch_
 
 def _setup_context(ctx, inputs, output):
     a, b, t, z, alpha, weights, batch_dims, k, loss_type = inputs
+    # gradients of outputs that did not reach the loss stay None (no zero-fill launches; the kernel skips them)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(a, t, z, alpha, weights, output[1])
     ctx.batch_dims = batch_dims
     ctx.k = k
@@ -550,12 +568,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, g_loss, g_logits, g_m, g_r, g_acc):
     a, t, z, alpha, weights, logits = ctx.saved_tensors
-    R2 = a.shape[ctx.batch_dims - 1]
-    f32 = dict(dtype=torch.float32, device=a.device)
-    # outputs that did not reach the loss may come back as None
-    g_loss = g_loss if g_loss is not None else torch.zeros((), **f32)
-    g_logits = g_logits if g_logits is not None else torch.zeros((R2 // 2,), **f32)
-    g_m = g_m if g_m is not None else torch.zeros((R2,), **f32)
+    if g_loss is None and g_logits is None and g_m is None:
+        return None, None, None, None, None, None, None, None, None
     grad = dpo_bwd(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, ctx.batch_dims, ctx.k, ctx.loss_type)
     return grad, None, None, None, None, None, None, None, None
 

@@ -90,9 +90,10 @@ def ulp_floor(scale: float, dtype: torch.dtype = torch.float32) -> float:
     the value is computed from: fastinpo computes in float32), plus, for a value stored in a lower precision
     ``dtype`` (fp16/bf16 gradients), one unit of that dtype at ``scale``: a correct path may round the last float32
     bits to the neighbouring fp16/bf16 value where plain PyTorch rounds the other way."""
-    floor = FLOOR_ULPS * torch.finfo(torch.float32).eps * float(scale)
+    scale = float(torch.as_tensor(scale).detach())
+    floor = FLOOR_ULPS * torch.finfo(torch.float32).eps * scale
     if torch.finfo(dtype).eps > torch.finfo(torch.float32).eps:
-        floor += torch.finfo(dtype).eps * float(scale)
+        floor += torch.finfo(dtype).eps * scale
     return floor
 
 
