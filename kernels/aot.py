@@ -53,12 +53,14 @@ def jobs():
                 ptr = {"a_ptr": d, "b_ptr": d, "t_ptr": tdt, "z_ptr": tdt, "alpha_ptr": "fp32", "part_ptr": "fp32"}
                 label = f"sumsq_partials[a={d},t={tdt},has_ref={int(has_b)},inpo={int(inpo)}]"
                 out.append((label, dpo_loss._sumsq_partials_kernel, ptr, sums_scalars, ce))
-    epi_scalars = {"B": "i32", "n": "i32", "num_chunks": "i32", "num_steps": "i32", "slot": "i32", "k": "fp32"}
-    for has_ref, has_w in ((True, False), (False, True)):
+    epi_scalars = {"B": "i32", "n": "i32", "num_chunks": "i32", "slot": "i32", "k": "fp32"}
+    for has_ref in (True, False):
         for loss_type in (0, 1, 2):  # sigmoid, hinge, ipo
-            ce = {"BLOCK_B": 64, "BLOCK_C": 64, "HAS_REF": has_ref, "HAS_W": has_w, "LOSS_TYPE": loss_type}
-            out.append((f"dpo_epilogue[has_ref={int(has_ref)},has_w={int(has_w)},loss_type={loss_type}]",
+            ce = {"BLOCK_B": 64, "BLOCK_C": 64, "HAS_REF": has_ref, "LOSS_TYPE": loss_type}
+            out.append((f"dpo_epilogue[has_ref={int(has_ref)},loss_type={loss_type}]",
                         dpo_loss._dpo_epilogue_kernel, {}, epi_scalars, ce))
+    out.append(("weighted_distance", dpo_loss._weighted_distance_kernel, {},
+                {"R2": "i32", "n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_N": 16, "BLOCK_C": 64}))
     grad_scalars = {"B": "i32", "n": "i32", "num_steps": "i32", "k": "fp32"}
     grad_scalars.update({k: "i64" for k in ("a_stride", "t_stride", "z_stride")})
     for d in _DT:

@@ -6,6 +6,8 @@ Design (one forward pass over the big tensors, at most one backward pass, determ
    policy prediction, the reference prediction and the target (or ``x̃``/``z0`` for the in-kernel InPO target),
    and writes the float32 sums of squared differences of its chunk into a partials buffer. A large sample
    (SDXL: 4×128×128) is thus spread over many programs, and there are no atomics: every partial has its own slot.
+   Inversion-DPO (``N·2B`` rows): ``_weighted_distance_kernel`` then reduces each sample's N steps to its
+   distance ``D`` (one program per sample, [steps × chunks] tiles), in parallel over samples.
 2. ``_dpo_epilogue_kernel``: one program reads the (small) partials buffer in a fixed order, and writes the
    per-sample errors, the logits, the loss and the implicit accuracy. Same input → bit-identical output.
    ``LOSS_TYPE`` (constexpr) picks the per-pair loss of SPEC §2: 0 sigmoid ``softplus(-z)``, 1 hinge
@@ -166,9 +168,31 @@ def _pair_loss_grad(z, tau, LOSS_TYPE: tl.constexpr):
 
 
 @triton.jit
+def _weighted_distance_kernel(
+    part_ptr, w_ptr, d_ptr, R2, n, num_chunks, num_steps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    # Inversion-DPO: D[s] = (1/N) Σ_i w_i (Σ_c partials[i, s, c]) / n, one program per sample s, reducing
+    # [steps × chunks] tiles (all N steps of a sample in a few rounds of loads, not N dependent ones), fixed order.
+    s = tl.program_id(0).to(tl.int64)
+    on = tl.arange(0, BLOCK_N)
+    oc = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for i0 in range(0, num_steps, BLOCK_N):
+        ii = i0 + on
+        im = ii < num_steps
+        w = tl.load(w_ptr + ii, mask=im, other=0.0).to(tl.float32)
+        rows = ii.to(tl.int64) * R2 + s
+        for c0 in range(0, num_chunks, BLOCK_C):
+            cc = c0 + oc
+            mask = im[:, None] & (cc[None, :] < num_chunks)
+            p = tl.load(part_ptr + rows[:, None] * num_chunks + cc[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * p
+    tl.store(d_ptr + s, tl.sum(tl.sum(acc, axis=1), axis=0) / n / num_steps)
+
+
+@triton.jit
 def _dpo_epilogue_kernel(
     part_ptr,
-    w_ptr,
     m_ptr,
     r_ptr,
     logits_ptr,
@@ -177,13 +201,11 @@ def _dpo_epilogue_kernel(
     B,
     n,
     num_chunks,
-    num_steps,
     slot,
     k,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_REF: tl.constexpr,
-    HAS_W: tl.constexpr,
     LOSS_TYPE: tl.constexpr,
 ):
     # A single program: the partials buffer is tiny (2 × 2B × chunks floats), and one program is what makes
@@ -197,23 +219,10 @@ def _dpo_epilogue_kernel(
     for b0 in range(0, B, BLOCK_B):
         bb = (b0 + ob).to(tl.int64)
         bm = bb < B
-        mw = tl.zeros([BLOCK_B], dtype=tl.float32)
-        ml = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for i in range(num_steps):
-            base = part_ptr + i * slot
-            sw = _row_sums(base, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
-            sl = _row_sums(base, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
-            if HAS_W:
-                w = tl.load(w_ptr + i).to(tl.float32)
-                sw = w * sw
-                sl = w * sl
-            mw += sw
-            ml += sl
-        if HAS_W:
-            mw = mw / num_steps
-            ml = ml / num_steps
+        mw = _row_sums(part_ptr, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
+        ml = _row_sums(part_ptr, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
         if HAS_REF:
-            base = part_ptr + num_steps * slot
+            base = part_ptr + slot
             rw = _row_sums(base, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
             rl = _row_sums(base, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
         else:
@@ -368,7 +377,19 @@ def sumsq_partials(a, b, t, z=None, alpha=None, *, block=None, tiles=None):
     return part
 
 
-def _epilogue(part, weights, B, n, num_steps, k, has_ref, loss_type="sigmoid"):
+def weighted_distance(part, weights, R2, n, num_steps):
+    """Inversion-DPO's ``D`` ``(2B,)`` float32 from the partials ``(1, N·2B, chunks)`` of ``model_preds`` vs
+    ``ref_preds`` (rows step-major) and the per-step weights: ``(1/N) Σ_i w_i mse_i``, in parallel over samples."""
+    C = part.shape[-1]
+    D = torch.empty(R2, dtype=torch.float32, device=part.device)
+    BLOCK_N = min(16, max(2, triton.next_power_of_2(num_steps)))
+    BLOCK_C = min(max(16, triton.next_power_of_2(C)), max(16, 2048 // BLOCK_N))
+    with on_device(part):
+        _weighted_distance_kernel[(R2,)](part, weights, D, R2, n, C, num_steps, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    return D
+
+
+def _epilogue(part, B, n, k, has_ref, loss_type="sigmoid"):
     C = part.shape[-1]
     dev = part.device
     m = torch.empty(2 * B, dtype=torch.float32, device=dev)
@@ -381,7 +402,6 @@ def _epilogue(part, weights, B, n, num_steps, k, has_ref, loss_type="sigmoid"):
     with on_device(part):
         _dpo_epilogue_kernel[(1,)](
             part,
-            weights if weights is not None else part,
             m,
             r,
             logits,
@@ -390,13 +410,11 @@ def _epilogue(part, weights, B, n, num_steps, k, has_ref, loss_type="sigmoid"):
             B,
             n,
             C,
-            num_steps,
             2 * B * C,  # elements per slot of the partials buffer
             float(k),
             BLOCK_B=BLOCK_B,
             BLOCK_C=BLOCK_C,
             HAS_REF=has_ref,
-            HAS_W=weights is not None,
             LOSS_TYPE=loss_type_code(loss_type),
         )
     return loss, logits, m, r, acc
@@ -511,7 +529,11 @@ def dpo_fwd(
         as_rows(z, rows) if z is not None else None,
         alpha,
     )
-    return _epilogue(part, weights, R2 // 2, n, N, k, has_ref=b is not None, loss_type=loss_type)
+    if weights is not None:
+        # Inversion-DPO: the N steps reduced per sample in parallel, then the epilogue of a (2B,) distance
+        D = weighted_distance(part, weights, R2, n, N)
+        return _epilogue(D.view(1, R2, 1), R2 // 2, 1, k, has_ref=False, loss_type=loss_type)
+    return _epilogue(part, R2 // 2, n, k, has_ref=b is not None, loss_type=loss_type)
 
 
 @dpo_fwd.register_fake

@@ -309,7 +309,7 @@ def _mutated_dpo(m, r, t, beta, loss_type, mutation):
         part = K.sumsq_partials(a[:, : n - 1], b[:, : n - 1], tt[:, : n - 1])
     else:
         part = K.sumsq_partials(a, b, tt)
-    loss, logits, mm, rr, acc = K._epilogue(part, None, B, n, 1, k, has_ref=mutation != "drop_ref_term",
+    loss, logits, mm, rr, acc = K._epilogue(part, B, n, k, has_ref=mutation != "drop_ref_term",
                                             loss_type=loss_type)
     grads = (torch.ones(()), torch.zeros(B), torch.zeros(rows))
     g_type = {"sigmoid": "hinge", "hinge": "ipo", "ipo": "sigmoid"}[loss_type]
@@ -411,6 +411,15 @@ def test_inversion_two_pass_gradient(loss_type):
     coef = distance_coef(D, beta, loss_type=loss_type)
     grads = torch.stack([step_grad(coef, pol[i], ref[i], float(w[i]), N) for i in range(N)])
     check_grad(grads, g64, gplain, f"two-pass grad {loss_type}", loss=(e, beta, loss_type, 1))
+
+
+def test_inversion_many_steps_and_chunks():
+    """N = 37 steps (three rounds of the distance kernel's 16-step tiles) and samples of 1600 elements (two
+    chunks each): the per-sample step reduction against the reference."""
+    pol, ref, w = make_inversion(37, (4, 4, 20, 20), torch.float32, seed=6)
+    (out, e, p), grads = run_inversion(pol, ref, w, 2000.0, False, "sigmoid")
+    check_output(out, e, p, 2000.0, "sigmoid", "inversion N=37")
+    check_grad(*grads, "inversion N=37 grad", loss=(e, 2000.0, "sigmoid", 1))
 
 
 def test_inversion_non_contiguous():
