@@ -53,21 +53,31 @@ def jobs():
                 ptr = {"a_ptr": d, "b_ptr": d, "t_ptr": tdt, "z_ptr": tdt, "alpha_ptr": "fp32", "part_ptr": "fp32"}
                 label = f"sumsq_partials[a={d},t={tdt},has_ref={int(has_b)},inpo={int(inpo)}]"
                 out.append((label, dpo_loss._sumsq_partials_kernel, ptr, sums_scalars, ce))
-    epi_scalars = {"B": "i32", "n": "i32", "num_chunks": "i32", "num_steps": "i32", "slot": "i32", "k": "fp32"}
-    for has_ref, has_w in ((True, False), (False, True)):
-        ce = {"BLOCK_B": 64, "BLOCK_C": 64, "HAS_REF": has_ref, "HAS_W": has_w}
-        out.append((f"dpo_epilogue[has_ref={int(has_ref)},has_w={int(has_w)}]", dpo_loss._dpo_epilogue_kernel,
-                    {}, epi_scalars, ce))
+    epi_scalars = {"B": "i32", "n": "i32", "num_chunks": "i32", "slot": "i32", "k": "fp32"}
+    for has_ref in (True, False):
+        for loss_type in (0, 1, 2):  # sigmoid, hinge, ipo
+            ce = {"BLOCK_B": 64, "BLOCK_C": 64, "HAS_REF": has_ref, "LOSS_TYPE": loss_type}
+            out.append((f"dpo_epilogue[has_ref={int(has_ref)},loss_type={loss_type}]",
+                        dpo_loss._dpo_epilogue_kernel, {}, epi_scalars, ce))
+    out.append(("weighted_distance", dpo_loss._weighted_distance_kernel, {},
+                {"R2": "i32", "n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_N": 16, "BLOCK_C": 64}))
     grad_scalars = {"B": "i32", "n": "i32", "num_steps": "i32", "k": "fp32"}
     grad_scalars.update({k: "i64" for k in ("a_stride", "t_stride", "z_stride")})
     for d in _DT:
         for tdt in sorted({d, "fp32"}):
             for inpo, has_w, coef in ((False, False, False), (True, False, False), (False, True, False),
                                       (False, True, True)):
-                ce = {"BLOCK": 1024, "INPO": inpo, "HAS_W": has_w, "COEF_GIVEN": coef}
+                # the common backward: only the loss sends a gradient (logits / model_mse do not)
+                ce = {"BLOCK": 1024, "INPO": inpo, "HAS_W": has_w, "COEF_GIVEN": coef, "LOSS_TYPE": 0,
+                      "HAS_GLOSS": not coef, "HAS_GLOGITS": False, "HAS_GM": False}
                 ptr = {"a_ptr": d, "t_ptr": tdt, "z_ptr": tdt, "grad_ptr": d}
                 label = f"dpo_grad[a={d},t={tdt},inpo={int(inpo)},has_w={int(has_w)},coef={int(coef)}]"
                 out.append((label, dpo_loss._dpo_grad_kernel, ptr, grad_scalars, ce))
+    for loss_type, all_grads in ((1, False), (2, False), (0, True)):  # hinge, ipo; every output sending a gradient
+        ce = {"BLOCK": 1024, "INPO": False, "HAS_W": False, "COEF_GIVEN": False, "LOSS_TYPE": loss_type,
+              "HAS_GLOSS": True, "HAS_GLOGITS": all_grads, "HAS_GM": all_grads}
+        label = f"dpo_grad[a=fp32,t=fp32,loss_type={loss_type},all_output_grads={int(all_grads)}]"
+        out.append((label, dpo_loss._dpo_grad_kernel, {}, grad_scalars, ce))
     out.append(("accumulate_rows", inversion_dpo._accumulate_rows_kernel, {},
                 {"n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_C": 64}))
     step_scalars = {"alpha_init": "fp32", "g": "fp32", "seed": "i64", "n": "i32", "n_rows": "i32",

@@ -6,12 +6,16 @@ Design (one forward pass over the big tensors, at most one backward pass, determ
    policy prediction, the reference prediction and the target (or ``x̃``/``z0`` for the in-kernel InPO target),
    and writes the float32 sums of squared differences of its chunk into a partials buffer. A large sample
    (SDXL: 4×128×128) is thus spread over many programs, and there are no atomics: every partial has its own slot.
+   Inversion-DPO (``N·2B`` rows): ``_weighted_distance_kernel`` then reduces each sample's N steps to its
+   distance ``D`` (one program per sample, [steps × chunks] tiles), in parallel over samples.
 2. ``_dpo_epilogue_kernel``: one program reads the (small) partials buffer in a fixed order, and writes the
    per-sample errors, the logits, the loss and the implicit accuracy. Same input → bit-identical output.
+   ``LOSS_TYPE`` (constexpr) picks the per-pair loss of SPEC §2: 0 sigmoid ``softplus(-z)``, 1 hinge
+   ``relu(1 - z)``, 2 IPO ``((z - 1/2) / tau)^2`` with ``tau = beta/2``.
 3. ``_dpo_grad_kernel``: the only backward pass, ``coef_i * 2 * (model_pred - target) / n`` in ``model_pred``'s
    dtype, where ``coef_i`` (∂loss/∂m_i, including any gradient flowing into ``logits`` or ``model_mse``) is
-   computed per program from a handful of scalars. Saved for backward: ``model_pred``, the target inputs, and the
-   ``(B,)`` logits; ``ref_pred`` is never saved.
+   computed per program from a handful of scalars (with the derivative of the same ``LOSS_TYPE``). Saved for
+   backward: ``model_pred``, the target inputs, and the ``(B,)`` logits; ``ref_pred`` is never saved.
 
 Everything goes through two ``torch.library`` custom ops (``fastinpo_triton::dpo_fwd`` / ``dpo_bwd``) with fake
 implementations, so ``torch.compile(fullgraph=True)`` traces a caller of the public loss. The same ops serve the
@@ -21,14 +25,32 @@ per-step weights are applied in the epilogue, and there is no reference term.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
 
 from fastinpo.ops.outputs import DPOLossOutput
+from fastinpo.ops.reference import LOSS_TYPES
 
 #: input dtypes the kernels take (float64 stays on the reference: the kernels accumulate in float32)
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: ``LOSS_TYPE`` constexpr of the kernels for each ``loss_type`` name
+LOSS_TYPE_CODES = {name: code for code, name in enumerate(LOSS_TYPES)}
+
+
+def on_device(x: torch.Tensor):
+    """Launch on ``x``'s GPU, not on the current one (a tensor on cuda:1 while cuda:0 is current)."""
+    return torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+
+
+def loss_type_code(loss_type: str) -> int:
+    """The kernels' ``LOSS_TYPE`` for ``loss_type``; a clear error for an unknown name."""
+    if loss_type not in LOSS_TYPE_CODES:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected one of: {', '.join(LOSS_TYPES)}")
+    return LOSS_TYPE_CODES[loss_type]
 
 # Grid axes 1 and 2 are limited to 65535 on CUDA: chunks go on axis 1, so a chunk grows before it overflows.
 _MAX_GRID_YZ = 65535
@@ -121,9 +143,56 @@ def _sigmoid(x):
 
 
 @triton.jit
+def _pair_loss(z, tau, LOSS_TYPE: tl.constexpr):
+    """The per-pair loss of the logits ``z`` (SPEC §2; ``reference.preference_loss``)."""
+    if LOSS_TYPE == 0:
+        out = _softplus(-z)
+    elif LOSS_TYPE == 1:
+        out = tl.maximum(1.0 - z, 0.0)
+    else:
+        q = tl.div_rn(z - 0.5, tau)
+        out = q * q
+    return out
+
+
+@triton.jit
+def _pair_loss_grad(z, tau, LOSS_TYPE: tl.constexpr):
+    """d(per-pair loss)/dz; at the hinge's kink (z = 1) 0, as torch's relu."""
+    if LOSS_TYPE == 0:
+        out = -_sigmoid(-z)
+    elif LOSS_TYPE == 1:
+        out = tl.where(z < 1.0, -1.0, 0.0)
+    else:
+        out = 2.0 * tl.div_rn(tl.div_rn(z - 0.5, tau), tau)
+    return out
+
+
+@triton.jit
+def _weighted_distance_kernel(
+    part_ptr, w_ptr, d_ptr, R2, n, num_chunks, num_steps, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr
+):
+    # Inversion-DPO: D[s] = (1/N) Σ_i w_i (Σ_c partials[i, s, c]) / n, one program per sample s, reducing
+    # [steps × chunks] tiles (all N steps of a sample in a few rounds of loads, not N dependent ones), fixed order.
+    s = tl.program_id(0).to(tl.int64)
+    on = tl.arange(0, BLOCK_N)
+    oc = tl.arange(0, BLOCK_C)
+    acc = tl.zeros([BLOCK_N, BLOCK_C], dtype=tl.float32)
+    for i0 in range(0, num_steps, BLOCK_N):
+        ii = i0 + on
+        im = ii < num_steps
+        w = tl.load(w_ptr + ii, mask=im, other=0.0).to(tl.float32)
+        rows = ii.to(tl.int64) * R2 + s
+        for c0 in range(0, num_chunks, BLOCK_C):
+            cc = c0 + oc
+            mask = im[:, None] & (cc[None, :] < num_chunks)
+            p = tl.load(part_ptr + rows[:, None] * num_chunks + cc[None, :], mask=mask, other=0.0)
+            acc += w[:, None] * p
+    tl.store(d_ptr + s, tl.sum(tl.sum(acc, axis=1), axis=0) / n / num_steps)
+
+
+@triton.jit
 def _dpo_epilogue_kernel(
     part_ptr,
-    w_ptr,
     m_ptr,
     r_ptr,
     logits_ptr,
@@ -132,17 +201,17 @@ def _dpo_epilogue_kernel(
     B,
     n,
     num_chunks,
-    num_steps,
     slot,
     k,
     BLOCK_B: tl.constexpr,
     BLOCK_C: tl.constexpr,
     HAS_REF: tl.constexpr,
-    HAS_W: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
 ):
     # A single program: the partials buffer is tiny (2 × 2B × chunks floats), and one program is what makes
     # the loss a fixed-order (deterministic) reduction without a second launch.
     ob = tl.arange(0, BLOCK_B)
+    tau = tl.abs(k)  # beta / 2 (IPO)
     zero_vec = tl.zeros([BLOCK_B], dtype=tl.float32)
     loss_sum = tl.sum(zero_vec, axis=0)
     n_pos = tl.sum(zero_vec, axis=0)
@@ -150,23 +219,10 @@ def _dpo_epilogue_kernel(
     for b0 in range(0, B, BLOCK_B):
         bb = (b0 + ob).to(tl.int64)
         bm = bb < B
-        mw = tl.zeros([BLOCK_B], dtype=tl.float32)
-        ml = tl.zeros([BLOCK_B], dtype=tl.float32)
-        for i in range(num_steps):
-            base = part_ptr + i * slot
-            sw = _row_sums(base, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
-            sl = _row_sums(base, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
-            if HAS_W:
-                w = tl.load(w_ptr + i).to(tl.float32)
-                sw = w * sw
-                sl = w * sl
-            mw += sw
-            ml += sl
-        if HAS_W:
-            mw = mw / num_steps
-            ml = ml / num_steps
+        mw = _row_sums(part_ptr, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
+        ml = _row_sums(part_ptr, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
         if HAS_REF:
-            base = part_ptr + num_steps * slot
+            base = part_ptr + slot
             rw = _row_sums(base, bb, bm, num_chunks, BLOCK_B, BLOCK_C) / n
             rl = _row_sums(base, bb + B, bm, num_chunks, BLOCK_B, BLOCK_C) / n
         else:
@@ -178,7 +234,7 @@ def _dpo_epilogue_kernel(
         tl.store(r_ptr + bb, rw, mask=bm)
         tl.store(r_ptr + B + bb, rl, mask=bm)
         tl.store(logits_ptr + bb, logits, mask=bm)
-        loss_sum += tl.sum(tl.where(bm, _softplus(-logits), 0.0), axis=0)
+        loss_sum += tl.sum(tl.where(bm, _pair_loss(logits, tau, LOSS_TYPE), 0.0), axis=0)
         n_pos += tl.sum(tl.where(bm & (logits > 0), 1.0, 0.0), axis=0)
         n_zero += tl.sum(tl.where(bm & (logits == 0), 1.0, 0.0), axis=0)
     tl.store(loss_ptr, loss_sum / B)
@@ -208,6 +264,10 @@ def _dpo_grad_kernel(
     INPO: tl.constexpr,
     HAS_W: tl.constexpr,
     COEF_GIVEN: tl.constexpr,
+    LOSS_TYPE: tl.constexpr,
+    HAS_GLOSS: tl.constexpr,
+    HAS_GLOGITS: tl.constexpr,
+    HAS_GM: tl.constexpr,
 ):
     # blocks on axis 0 (no 65535 limit), rows on axis 1
     blk = tl.program_id(0)
@@ -217,13 +277,21 @@ def _dpo_grad_kernel(
         # the caller gives d loss / d m_s directly (memory-light two-pass Inversion-DPO gradient)
         coef = tl.load(gm_ptr + s).to(tl.float32)
     else:
+        # Outputs that did not reach the loss send no gradient (HAS_* False, nothing loaded or allocated for them).
         b = s % B
-        logit = tl.load(logits_ptr + b)
-        # d loss / d logit_b = -sigmoid(-logit_b) / B, plus any gradient flowing into the logits output
-        g_logit = tl.load(glogits_ptr + b) + tl.load(gloss_ptr) * (-_sigmoid(-logit) / B)
+        tau = tl.abs(k)  # beta / 2 (IPO)
+        g_logit = tl.zeros([1], dtype=tl.float32)
+        if HAS_GLOSS:
+            # d loss / d logit_b = (per-pair loss)'(logit_b) / B
+            logit = tl.load(logits_ptr + b)
+            g_logit += tl.load(gloss_ptr) * (_pair_loss_grad(logit, tau, LOSS_TYPE) / B)
+        if HAS_GLOGITS:  # any gradient flowing into the logits output
+            g_logit += tl.load(glogits_ptr + b)
         # logits = k ((m_w - m_l) - ...): d logit / d m is +k for winners, -k for losers
         sgn = 1.0 - 2.0 * (s >= B).to(tl.float32)
-        coef = tl.load(gm_ptr + s) + sgn * k * g_logit
+        coef = tl.sum(sgn * k * g_logit, axis=0)
+        if HAS_GM:  # any gradient flowing into the model_mse output
+            coef += tl.load(gm_ptr + s)
     if HAS_W:
         coef = coef * tl.load(w_ptr + row // (2 * B)).to(tl.float32) / num_steps
     scale = coef * 2.0 / n
@@ -286,29 +354,42 @@ def sumsq_partials(a, b, t, z=None, alpha=None, *, block=None, tiles=None):
     S = 2 if b is not None else 1
     part = torch.empty((S, rows, C), dtype=torch.float32, device=a.device)
     inpo = z is not None
-    _sumsq_partials_kernel[(rows, C)](
-        a,
-        b if b is not None else a,
-        t,
-        z if inpo else t,
-        alpha if inpo else part,
-        part,
-        n,
-        C,
-        a.stride(0),
-        b.stride(0) if b is not None else 0,
-        t.stride(0),
-        z.stride(0) if inpo else 0,
-        rows * C,
-        BLOCK=BLOCK,
-        TILES=TILES,
-        HAS_B=b is not None,
-        INPO=inpo,
-    )
+    with on_device(a):
+        _sumsq_partials_kernel[(rows, C)](
+            a,
+            b if b is not None else a,
+            t,
+            z if inpo else t,
+            alpha if inpo else part,
+            part,
+            n,
+            C,
+            a.stride(0),
+            b.stride(0) if b is not None else 0,
+            t.stride(0),
+            z.stride(0) if inpo else 0,
+            rows * C,
+            BLOCK=BLOCK,
+            TILES=TILES,
+            HAS_B=b is not None,
+            INPO=inpo,
+        )
     return part
 
 
-def _epilogue(part, weights, B, n, num_steps, k, has_ref):
+def weighted_distance(part, weights, R2, n, num_steps):
+    """Inversion-DPO's ``D`` ``(2B,)`` float32 from the partials ``(1, N·2B, chunks)`` of ``model_preds`` vs
+    ``ref_preds`` (rows step-major) and the per-step weights: ``(1/N) Σ_i w_i mse_i``, in parallel over samples."""
+    C = part.shape[-1]
+    D = torch.empty(R2, dtype=torch.float32, device=part.device)
+    BLOCK_N = min(16, max(2, triton.next_power_of_2(num_steps)))
+    BLOCK_C = min(max(16, triton.next_power_of_2(C)), max(16, 2048 // BLOCK_N))
+    with on_device(part):
+        _weighted_distance_kernel[(R2,)](part, weights, D, R2, n, C, num_steps, BLOCK_N=BLOCK_N, BLOCK_C=BLOCK_C)
+    return D
+
+
+def _epilogue(part, B, n, k, has_ref, loss_type="sigmoid"):
     C = part.shape[-1]
     dev = part.device
     m = torch.empty(2 * B, dtype=torch.float32, device=dev)
@@ -318,25 +399,24 @@ def _epilogue(part, weights, B, n, num_steps, k, has_ref):
     acc = torch.empty((), dtype=torch.float32, device=dev)
     BLOCK_B = min(64, triton.next_power_of_2(B))
     BLOCK_C = min(max(16, triton.next_power_of_2(C)), max(16, 4096 // BLOCK_B))
-    _dpo_epilogue_kernel[(1,)](
-        part,
-        weights if weights is not None else part,
-        m,
-        r,
-        logits,
-        loss,
-        acc,
-        B,
-        n,
-        C,
-        num_steps,
-        2 * B * C,  # elements per slot of the partials buffer
-        float(k),
-        BLOCK_B=BLOCK_B,
-        BLOCK_C=BLOCK_C,
-        HAS_REF=has_ref,
-        HAS_W=weights is not None,
-    )
+    with on_device(part):
+        _dpo_epilogue_kernel[(1,)](
+            part,
+            m,
+            r,
+            logits,
+            loss,
+            acc,
+            B,
+            n,
+            C,
+            2 * B * C,  # elements per slot of the partials buffer
+            float(k),
+            BLOCK_B=BLOCK_B,
+            BLOCK_C=BLOCK_C,
+            HAS_REF=has_ref,
+            LOSS_TYPE=loss_type_code(loss_type),
+        )
     return loss, logits, m, r, acc
 
 
@@ -350,12 +430,27 @@ def _unpack(a: torch.Tensor, batch_dims: int):
 
 
 def grad_rows(
-    coef_or_none, a, t, z, alpha, weights, batch_dims, k, *, grads=None, logits=None, block=None, num_steps=None
+    coef_or_none,
+    a,
+    t,
+    z,
+    alpha,
+    weights,
+    batch_dims,
+    k,
+    *,
+    grads=None,
+    logits=None,
+    block=None,
+    num_steps=None,
+    loss_type="sigmoid",
 ):
     """Launch the backward kernel; returns the gradient of ``a`` (contiguous, ``a``'s dtype and shape).
 
     With ``coef_or_none`` (a ``(2B,)`` float32 ∂loss/∂m) the DPO epilogue's gradient is skipped; ``num_steps``
-    overrides the ``N`` that the weights are divided by (one step of an N-step loss).
+    overrides the ``N`` that the weights are divided by (one step of an N-step loss); ``loss_type`` is the
+    forward's (its derivative enters the coefficient). ``grads = (g_loss, g_logits, g_m)``: float32 contiguous, or
+    ``None`` for an output that sends no gradient.
     """
     rows, R2, N, n = _unpack(a, batch_dims)
     if num_steps is not None:
@@ -369,32 +464,40 @@ def grad_rows(
     BLOCK = block or 1024
     if coef_or_none is not None:
         gm, gloss, glogits, lg = coef_or_none, coef_or_none, coef_or_none, coef_or_none
+        present = (False, False, False)
     else:
         gloss, glogits, gm = grads
+        present = tuple(g is not None for g in grads)
+        gloss, glogits, gm = (g if g is not None else logits for g in grads)  # placeholders, never read
         lg = logits
-    _dpo_grad_kernel[(triton.cdiv(n, BLOCK), rows)](
-        ar,
-        tr,
-        zr,
-        alpha if alpha is not None else tr,
-        weights if weights is not None else tr,
-        gloss,
-        glogits,
-        gm,
-        lg,
-        grad,
-        B,
-        n,
-        N,
-        float(k),
-        ar.stride(0),
-        tr.stride(0),
-        zr.stride(0),
-        BLOCK=BLOCK,
-        INPO=z is not None,
-        HAS_W=weights is not None,
-        COEF_GIVEN=coef_or_none is not None,
-    )
+    with on_device(a):
+        _dpo_grad_kernel[(triton.cdiv(n, BLOCK), rows)](
+            ar,
+            tr,
+            zr,
+            alpha if alpha is not None else tr,
+            weights if weights is not None else tr,
+            gloss,
+            glogits,
+            gm,
+            lg,
+            grad,
+            B,
+            n,
+            N,
+            float(k),
+            ar.stride(0),
+            tr.stride(0),
+            zr.stride(0),
+            BLOCK=BLOCK,
+            INPO=z is not None,
+            HAS_W=weights is not None,
+            COEF_GIVEN=coef_or_none is not None,
+            LOSS_TYPE=loss_type_code(loss_type),
+            HAS_GLOSS=present[0],
+            HAS_GLOGITS=present[1],
+            HAS_GM=present[2],
+        )
     return grad
 
 
@@ -409,12 +512,14 @@ def dpo_fwd(
     weights: torch.Tensor | None,
     batch_dims: int,
     k: float,
+    loss_type: str = "sigmoid",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, logits, m, r, acc)`` of a DPO-family loss (see the module docstring).
 
     ``a``: policy predictions ``(2B, ...)`` (``batch_dims=1``) or ``(N, 2B, ...)`` (``batch_dims=2``, with
     per-step ``weights``); ``b``: reference predictions or None; ``t``: the target (or ``x̃`` with ``z``/``alpha``
-    for the InPO target, or the reference predictions for Inversion-DPO); ``k = sign * 0.5 * beta``.
+    for the InPO target, or the reference predictions for Inversion-DPO); ``k = sign * 0.5 * beta``;
+    ``loss_type``: ``"sigmoid"``, ``"hinge"`` or ``"ipo"`` (SPEC §2).
     """
     rows, R2, N, n = _unpack(a, batch_dims)
     part = sumsq_partials(
@@ -424,11 +529,15 @@ def dpo_fwd(
         as_rows(z, rows) if z is not None else None,
         alpha,
     )
-    return _epilogue(part, weights, R2 // 2, n, N, k, has_ref=b is not None)
+    if weights is not None:
+        # Inversion-DPO: the N steps reduced per sample in parallel, then the epilogue of a (2B,) distance
+        D = weighted_distance(part, weights, R2, n, N)
+        return _epilogue(D.view(1, R2, 1), R2 // 2, 1, k, has_ref=False, loss_type=loss_type)
+    return _epilogue(part, R2 // 2, n, k, has_ref=b is not None, loss_type=loss_type)
 
 
 @dpo_fwd.register_fake
-def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k):
+def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k, loss_type="sigmoid"):
     R2 = a.shape[batch_dims - 1]
     f32 = dict(dtype=torch.float32, device=a.device)
     return (
@@ -442,9 +551,9 @@ def _dpo_fwd_fake(a, b, t, z, alpha, weights, batch_dims, k):
 
 @torch.library.custom_op("fastinpo_triton::dpo_bwd", mutates_args=())
 def dpo_bwd(
-    g_loss: torch.Tensor,
-    g_logits: torch.Tensor,
-    g_m: torch.Tensor,
+    g_loss: torch.Tensor | None,
+    g_logits: torch.Tensor | None,
+    g_m: torch.Tensor | None,
     logits: torch.Tensor,
     a: torch.Tensor,
     t: torch.Tensor,
@@ -453,35 +562,38 @@ def dpo_bwd(
     weights: torch.Tensor | None,
     batch_dims: int,
     k: float,
+    loss_type: str = "sigmoid",
 ) -> torch.Tensor:
-    """Gradient of a DPO-family loss with respect to ``a`` (one pass; ``a``'s dtype)."""
+    """Gradient of a DPO-family loss with respect to ``a`` (one pass; ``a``'s dtype). A ``None`` output gradient
+    (that output did not reach what is differentiated) is skipped in-kernel, not materialised as zeros."""
     f32 = dict(dtype=torch.float32, device=a.device)
-    grads = (g_loss.to(**f32).contiguous(), g_logits.to(**f32).contiguous(), g_m.to(**f32).contiguous())
-    return grad_rows(None, a, t, z, alpha, weights, batch_dims, k, grads=grads, logits=logits.contiguous())
+    grads = tuple(g.to(**f32).contiguous() if g is not None else None for g in (g_loss, g_logits, g_m))
+    return grad_rows(
+        None, a, t, z, alpha, weights, batch_dims, k, grads=grads, logits=logits.contiguous(), loss_type=loss_type
+    )
 
 
 @dpo_bwd.register_fake
-def _dpo_bwd_fake(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, batch_dims, k):
+def _dpo_bwd_fake(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, batch_dims, k, loss_type="sigmoid"):
     return torch.empty(a.shape, dtype=a.dtype, device=a.device)
 
 
 def _setup_context(ctx, inputs, output):
-    a, b, t, z, alpha, weights, batch_dims, k = inputs
+    a, b, t, z, alpha, weights, batch_dims, k, loss_type = inputs
+    # gradients of outputs that did not reach the loss stay None (no zero-fill launches; the kernel skips them)
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(a, t, z, alpha, weights, output[1])
     ctx.batch_dims = batch_dims
     ctx.k = k
+    ctx.loss_type = loss_type
 
 
 def _backward(ctx, g_loss, g_logits, g_m, g_r, g_acc):
     a, t, z, alpha, weights, logits = ctx.saved_tensors
-    R2 = a.shape[ctx.batch_dims - 1]
-    f32 = dict(dtype=torch.float32, device=a.device)
-    # outputs that did not reach the loss may come back as None
-    g_loss = g_loss if g_loss is not None else torch.zeros((), **f32)
-    g_logits = g_logits if g_logits is not None else torch.zeros((R2 // 2,), **f32)
-    g_m = g_m if g_m is not None else torch.zeros((R2,), **f32)
-    grad = dpo_bwd(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, ctx.batch_dims, ctx.k)
-    return grad, None, None, None, None, None, None, None
+    if g_loss is None and g_logits is None and g_m is None:
+        return None, None, None, None, None, None, None, None, None
+    grad = dpo_bwd(g_loss, g_logits, g_m, logits, a, t, z, alpha, weights, ctx.batch_dims, ctx.k, ctx.loss_type)
+    return grad, None, None, None, None, None, None, None, None
 
 
 dpo_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -499,22 +611,26 @@ def _check_dtypes(**tensors):
             raise TypeError(f"{name}: the triton kernels take float32/float16/bfloat16, got {x.dtype}")
 
 
-def diffusion_dpo_loss(model_pred, ref_pred, target, beta) -> DPOLossOutput:
+def diffusion_dpo_loss(model_pred, ref_pred, target, beta, loss_type="sigmoid") -> DPOLossOutput:
     """Fused Diffusion-DPO loss: same signature and result as ``reference.diffusion_dpo_loss``."""
     _check_dtypes(model_pred=model_pred, ref_pred=ref_pred, target=target)
-    out = dpo_fwd(model_pred, ref_pred.detach(), target.detach(), None, None, None, 1, _k(beta, -1.0))
+    loss_type_code(loss_type)
+    out = dpo_fwd(model_pred, ref_pred.detach(), target.detach(), None, None, None, 1, _k(beta, -1.0), loss_type)
     return DPOLossOutput(*out)
 
 
-def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta) -> DPOLossOutput:
-    """Fused DDIM-InPO loss: ``diffusion_dpo_loss(model_pred, ref_pred, inpo_target(x_t, z0, alpha_t), beta)``
-    with the target ``ε* = (x̃ - sqrt(ᾱ_t) z0) / sqrt(1 - ᾱ_t)`` computed in-kernel (never materialized).
+def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta, loss_type="sigmoid") -> DPOLossOutput:
+    """Fused DDIM-InPO loss: ``diffusion_dpo_loss(model_pred, ref_pred, inpo_target(x_t, z0, alpha_t), beta,
+    loss_type)`` with the target ``ε* = (x̃ - sqrt(ᾱ_t) z0) / sqrt(1 - ᾱ_t)`` computed in-kernel (never
+    materialized).
 
     Args:
         model_pred, ref_pred, x_t, z0: ``(2B, ...)`` on one device, same shape.
         alpha_t: ``(2B,)`` ᾱ of each sample's sampled ``t``, in (0, 1).
+        beta: temperature > 0; loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"`` (SPEC §2).
     """
     _check_dtypes(model_pred=model_pred, ref_pred=ref_pred, x_t=x_t, z0=z0)
+    loss_type_code(loss_type)
     if not (model_pred.shape == ref_pred.shape == x_t.shape == z0.shape):
         raise ValueError(
             f"shapes must match: model_pred {tuple(model_pred.shape)}, ref_pred {tuple(ref_pred.shape)}, "
@@ -525,5 +641,5 @@ def inpo_dpo_loss(model_pred, ref_pred, x_t, z0, alpha_t, beta) -> DPOLossOutput
     if alpha_t.shape != (model_pred.shape[0],):
         raise ValueError(f"alpha_t must be ({model_pred.shape[0]},), got {tuple(alpha_t.shape)}")
     alpha = alpha_t.detach().to(device=model_pred.device, dtype=torch.float32).contiguous()
-    out = dpo_fwd(model_pred, ref_pred.detach(), x_t.detach(), z0.detach(), alpha, None, 1, _k(beta, -1.0))
+    out = dpo_fwd(model_pred, ref_pred.detach(), x_t.detach(), z0.detach(), alpha, None, 1, _k(beta, -1.0), loss_type)
     return DPOLossOutput(*out)

@@ -56,12 +56,13 @@ def _weight_tensor(weight, device) -> torch.Tensor:
     return torch.as_tensor(weight, dtype=torch.float32, device=device).detach().reshape(1)
 
 
-def inversion_dpo_loss(model_preds, ref_preds, weights, beta, flip_sign=False) -> DPOLossOutput:
+def inversion_dpo_loss(model_preds, ref_preds, weights, beta, flip_sign=False, loss_type="sigmoid") -> DPOLossOutput:
     """Fused Inversion-DPO loss: same signature and result as ``reference.inversion_dpo_loss``."""
     _check(model_preds, ref_preds, 2)
+    _dl.loss_type_code(loss_type)
     w = weights.detach().to(device=model_preds.device, dtype=torch.float32).contiguous()
     k = _dl._k(beta, 1.0 if flip_sign else -1.0)
-    out = _dl.dpo_fwd(model_preds, None, ref_preds.detach(), None, None, w, 2, k)
+    out = _dl.dpo_fwd(model_preds, None, ref_preds.detach(), None, None, w, 2, k, loss_type)
     return DPOLossOutput(*out)
 
 
@@ -93,24 +94,28 @@ def accumulate_step(D_accum: torch.Tensor, model_pred_i, ref_pred_i, weight_i, N
     t = _dl.as_rows(ref_pred_i.detach(), R2)
     part = _dl.sumsq_partials(a, None, t, block=block)
     C = part.shape[-1]
-    _accumulate_rows_kernel[(R2,)](
-        part,
-        _weight_tensor(weight_i, a.device),
-        D_accum,
-        a.shape[1],
-        C,
-        int(N),
-        BLOCK_C=min(1024, max(16, triton.next_power_of_2(C))),
-    )
+    w = _weight_tensor(weight_i, a.device)
+    with _dl.on_device(a):
+        _accumulate_rows_kernel[(R2,)](
+            part,
+            w,
+            D_accum,
+            a.shape[1],
+            C,
+            int(N),
+            BLOCK_C=min(1024, max(16, triton.next_power_of_2(C))),
+        )
     return D_accum
 
 
-def distance_coef(D: torch.Tensor, beta: float, flip_sign: bool = False) -> torch.Tensor:
+def distance_coef(D: torch.Tensor, beta: float, flip_sign: bool = False, loss_type: str = "sigmoid") -> torch.Tensor:
     """``coef_b = ∂loss/∂D_b`` ``(2B,)`` of the Inversion-DPO loss at distances ``D`` (reference epilogue's
     autograd on a ``(2B,)`` vector: nothing re-derived)."""
     with torch.enable_grad():
         d = D.detach().to(torch.float32).requires_grad_(True)
-        out = reference.dpo_from_errors(d, torch.zeros_like(d), beta, sign=1.0 if flip_sign else -1.0)
+        out = reference.dpo_from_errors(
+            d, torch.zeros_like(d), beta, sign=1.0 if flip_sign else -1.0, loss_type=loss_type
+        )
         (coef,) = torch.autograd.grad(out.loss, d)
     return coef
 

@@ -25,6 +25,7 @@ KEY = re.compile(r"(?<![\w.])(model|data|method|lora|optim|train|distributed)\.(
 COMMAND = re.compile(r"`fastinpo ([a-z][a-z-]*)([^`]*)`")
 OTHER_PROGRAMS = {  # flag -> the program it belongs to
     "--no-deps": "pip", "--no-build-isolation": "pip", "--nproc_per_node": "torchrun",
+    "--loss_type": "diffusers' train_diffusion_dpo.py (the drop-in loss docs quote it)",
 }
 
 

@@ -11,8 +11,9 @@ class DPOLossOutput(NamedTuple):
     """What every DPO-family loss returns (a NamedTuple, so ``torch.compile`` traces it).
 
     Attributes:
-        loss: scalar, float32 (float64 for float64 inputs): ``mean(-logsigmoid(logits))``; differentiable with
-            respect to the policy's predictions only.
+        loss: scalar, float32 (float64 for float64 inputs): the mean over pairs of the ``loss_type``'s per-pair
+            loss (``-logsigmoid(logits)`` by default; SPEC §2); differentiable with respect to the policy's
+            predictions only.
         logits: ``(B,)``, one per pair.
         model_mse: ``(2B,)``, the policy's per-sample error (Inversion-DPO: the per-sample distance D).
         ref_mse: ``(2B,)``, the reference's per-sample error (Inversion-DPO: zeros).

@@ -41,42 +41,71 @@ def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return diff.square().flatten(1).mean(1)
 
 
-def dpo_from_errors(model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, sign: float = -1.0) -> DPOLossOutput:
+#: the preference losses of SPEC §2, as functions of the per-pair logits (``"sigmoid"`` is Diffusion-DPO's)
+LOSS_TYPES = ("sigmoid", "hinge", "ipo")
+
+
+def preference_loss(logits: torch.Tensor, beta: float, loss_type: str = "sigmoid") -> torch.Tensor:
+    """The per-pair loss of SPEC §2 as a function of the logits ``z`` (``(B,)`` in, ``(B,)`` out).
+
+    - ``"sigmoid"``: ``-logsigmoid(z)`` (Diffusion-DPO);
+    - ``"hinge"``: ``relu(1 - z)`` (SLiC);
+    - ``"ipo"``: ``((z - 1/2) / (beta/2))^2``, i.e. IPO's ``(h - 1/(2 tau))^2`` with ``tau = beta/2`` and
+      ``h = z / tau = (r_w - r_l) - (m_w - m_l)``.
+
+    With the diffusers SD1.5 script's ``beta_dpo = beta/2`` these are exactly its three ``--loss_type`` branches.
+    """
+    if loss_type == "sigmoid":
+        return F.softplus(-logits)  # == -logsigmoid(logits), finite for any logits
+    if loss_type == "hinge":
+        return F.relu(1 - logits)
+    if loss_type == "ipo":
+        return ((logits - 0.5) / (0.5 * beta)).square()
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected one of: {', '.join(LOSS_TYPES)}")
+
+
+def dpo_from_errors(
+    model_err: torch.Tensor, ref_err: torch.Tensor, beta: float, sign: float = -1.0, loss_type: str = "sigmoid"
+) -> DPOLossOutput:
     """The DPO epilogue shared by Diffusion-DPO and Inversion-DPO.
 
     ``logits = sign * 0.5 * beta * ((m_w - m_l) - (r_w - r_l))`` with ``sign = -1`` (SPEC §2 and §4),
-    ``loss = mean(-logsigmoid(logits))``, ``implicit_acc = mean(logits > 0) + 0.5 * mean(logits == 0)``.
+    ``loss = mean(preference_loss(logits, beta, loss_type))`` (``-logsigmoid`` for ``"sigmoid"``),
+    ``implicit_acc = mean(logits > 0) + 0.5 * mean(logits == 0)``.
 
     Args:
         model_err, ref_err: ``(2B,)`` per-sample errors, winners first.
         beta: the DPO temperature (> 0).
         sign: -1 (SPEC) or +1 (Inversion-DPO's released code, ``flip_sign=True``).
+        loss_type: ``"sigmoid"``, ``"hinge"`` or ``"ipo"`` (see :func:`preference_loss`).
     """
     B = model_err.shape[0] // 2
     m_w, m_l = model_err[:B], model_err[B:]
     r_w, r_l = ref_err[:B], ref_err[B:]
     logits = sign * 0.5 * beta * ((m_w - m_l) - (r_w - r_l))
-    loss = F.softplus(-logits).mean()  # == mean(-logsigmoid(logits)), finite for any logits
+    loss = preference_loss(logits, beta, loss_type).mean()
     acc = (logits > 0).to(logits.dtype).mean() + 0.5 * (logits == 0).to(logits.dtype).mean()
     return DPOLossOutput(loss, logits, model_err, ref_err, acc)
 
 
 def diffusion_dpo_loss(
-    model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float
+    model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta: float, loss_type: str = "sigmoid"
 ) -> DPOLossOutput:
     """Diffusion-DPO loss (Wallace et al. 2023; SPEC §2).
 
     ``m = mse(model_pred, target)``, ``r = mse(ref_pred, target)`` (both ``(2B,)``),
-    ``logits = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))``, ``loss = mean(-logsigmoid(logits))``.
+    ``logits = -0.5 * beta * ((m_w - m_l) - (r_w - r_l))``, ``loss = mean(-logsigmoid(logits))`` (or the hinge /
+    IPO loss of the logits, :func:`preference_loss`).
 
     Args:
         model_pred, ref_pred, target: ``(2B, ...)``, winners first; ``ref_pred`` and ``target`` are detached.
         beta: official 5000 (Diffusion-DPO), 2000 / 5000 (InPO SD1.5 / SDXL).
+        loss_type: ``"sigmoid"`` (default), ``"hinge"`` or ``"ipo"``.
     """
     target = target.detach()
     m = per_sample_mse(model_pred, target)
     r = per_sample_mse(ref_pred.detach(), target)
-    return dpo_from_errors(m, r, beta)
+    return dpo_from_errors(m, r, beta, loss_type=loss_type)
 
 
 def inversion_dpo_distance(model_preds: torch.Tensor, ref_preds: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -97,22 +126,29 @@ def inversion_dpo_distance(model_preds: torch.Tensor, ref_preds: torch.Tensor, w
 
 
 def inversion_dpo_loss(
-    model_preds: torch.Tensor, ref_preds: torch.Tensor, weights: torch.Tensor, beta: float, flip_sign: bool = False
+    model_preds: torch.Tensor,
+    ref_preds: torch.Tensor,
+    weights: torch.Tensor,
+    beta: float,
+    flip_sign: bool = False,
+    loss_type: str = "sigmoid",
 ) -> DPOLossOutput:
     """Inversion-DPO loss (ACM MM 2025; SPEC §4).
 
     ``D = (1/N) Σ_i w_i mse(model_preds[i], ref_preds[i])`` per sample,
     ``logits = -0.5 * beta * (D_w - D_l)`` (``+`` with ``flip_sign``, the released code's sign),
-    ``loss = mean(-logsigmoid(logits))``. ``model_mse`` holds D, ``ref_mse`` zeros.
+    ``loss = mean(-logsigmoid(logits))`` (or the hinge / IPO loss of the logits, :func:`preference_loss`).
+    ``model_mse`` holds D, ``ref_mse`` zeros.
 
     Args:
         model_preds, ref_preds: ``(N, 2B, ...)``, winners first along dim 1.
         weights: ``(N,)`` per-step weights ``w_i``.
         beta: official 2000.
         flip_sign: reproduce the released code's ``+0.5 * beta``.
+        loss_type: ``"sigmoid"`` (default, the paper's), ``"hinge"`` or ``"ipo"``.
     """
     D = inversion_dpo_distance(model_preds, ref_preds, weights)
-    return dpo_from_errors(D, torch.zeros_like(D), beta, sign=1.0 if flip_sign else -1.0)
+    return dpo_from_errors(D, torch.zeros_like(D), beta, sign=1.0 if flip_sign else -1.0, loss_type=loss_type)
 
 
 def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
