@@ -122,3 +122,12 @@ def assert_matches(actual, expected64, *, dtype: torch.dtype, plain=None, what: 
     else:
         assert plain is not None, "low-precision comparisons need the plain-PyTorch result in the same dtype"
         assert_close_lowp(actual, expected64, plain, dtype, what=what)
+
+
+# A whole UNet's float32 output computed through another module structure with the same weights (e.g. a LoRA
+# export loaded by a stock pipeline, whose peft layers add B·A·x in another order): float32 rounding of the
+# output's scale only, the same budget as a model gradient under another batching; a wrong adapter scale is off
+# by a whole term (alpha/r of the adapter's change).
+def assert_close_model_output(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """``|a - e| <= MODEL_GRAD_ATOL_OF_MAX * max|e| + MODEL_GRAD_RTOL * |e|``."""
+    assert_close_model_grad(actual, expected)

@@ -23,6 +23,7 @@ def export_policy(out: Path, unet, *, lora: bool, arch: str, state: dict[str, to
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+        layers = _fold_lora_scale(layers, unet)
         pipe_cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
         pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
     elif state is None:
@@ -37,3 +38,20 @@ def export_policy(out: Path, unet, *, lora: bool, arch: str, state: dict[str, to
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def _fold_lora_scale(layers: dict[str, torch.Tensor], unet) -> dict[str, torch.Tensor]:
+    """The trained adapter's scale ``lora_alpha / r`` folded into its up (B) weights.
+
+    The diffusers LoRA file format carries no alpha: a stock pipeline's ``load_lora_weights`` builds adapters with
+    ``lora_alpha = r`` (scale 1), so an adapter trained with ``alpha != r`` would apply ``r / alpha`` of its trained
+    change. ``B · (alpha / r)`` at scale 1 is exactly the trained ``(alpha / r) · B A``, whatever the loader."""
+    config = unet.peft_config["default"]
+    ranks = dict(config.rank_pattern or {})
+    alphas = dict(config.alpha_pattern or {})
+    if ranks or alphas:
+        raise ValueError("LoRA export with per-layer rank/alpha patterns is not supported")
+    scale = float(config.lora_alpha) / float(config.r)
+    if scale == 1.0:
+        return layers
+    return {k: (v * scale if (".lora.up." in k or ".lora_B." in k) else v) for k, v in layers.items()}
