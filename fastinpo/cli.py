@@ -40,12 +40,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         return 0
     if args.config is None and not args.set:
         raise ValueError("give a config file (TOML/YAML) and/or --set section.key=value overrides")
-    from fastinpo.config import check_before_loading
     from fastinpo.train import train
 
-    config = _load(args)
-    check_before_loading(config)
-    summary = train(config, resume=args.resume)
+    summary = train(_load(args), resume=args.resume, overwrite=args.overwrite)
     print(json.dumps(summary, indent=2))
     return 0
 
@@ -144,6 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", default=None, help="'latest' or a checkpoint folder")
             p.add_argument("--help-config", action="store_true", help="list every config key with its doc")
+            p.add_argument("--overwrite", action="store_true",
+                           help="train.output_dir holds a run: move it aside (renamed, never deleted) and start anew")
         else:
             p.add_argument("--overwrite", action="store_true",
                            help="replace a cache that data.cache_dir holds for other settings (deletes it)")

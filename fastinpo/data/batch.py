@@ -28,12 +28,16 @@ class RawPair:
         time_ids: ``(2, 6)`` float32 SDXL micro-conditioning per image: ``(R, R, 0, 0, R, R)`` by default,
             ``(orig_h, orig_w, crop_top, crop_left, R, R)`` with the per-sample option.
         row: the row's index in the source dataset (stable across runs; used for hashing and resume checks).
+        skipped_rows: ``(row, reason)`` of the rows found unusable (images missing or undecodable) while this pair
+            was fetched in their place: the skip accounting travels with the data, so it is counted in the
+            trainer's process even when DataLoader workers did the decoding.
     """
 
     pixels: torch.Tensor
     caption: str
     time_ids: torch.Tensor
     row: int
+    skipped_rows: tuple[tuple[int, str], ...] = ()
 
 
 @dataclass
@@ -69,6 +73,7 @@ class RawBatch:
     time_ids: torch.Tensor
     rows: torch.Tensor
     positions: torch.Tensor | None = None  # (B,) the pairs' positions in the run's data stream (set by the trainer)
+    skipped_rows: tuple[tuple[int, str], ...] = ()  # rows skipped while fetching these pairs (RawPair)
 
 
 @dataclass
@@ -104,6 +109,7 @@ def collate_raw(items: list[RawPair]) -> RawBatch:
         captions=[i.caption for i in items],
         time_ids=_pairs_first([i.time_ids for i in items]),
         rows=torch.tensor([i.row for i in items], dtype=torch.int64),
+        skipped_rows=tuple(r for i in items for r in i.skipped_rows),
     )
 
 

@@ -36,6 +36,7 @@ calls :meth:`PickAPicDataset.set_epoch`.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import math
@@ -484,11 +485,13 @@ class PickAPicDataset(torch.utils.data.Dataset):
         n = len(self._rows)
         if i < 0:
             i += n
+        found: list[tuple[int, str]] = []
         for k in range(n):
             j = (i + k) % n
             rec = self.read_pair(j)
             if rec.pair is not None:
-                return rec.pair
+                return dataclasses.replace(rec.pair, skipped_rows=tuple(found)) if found else rec.pair
+            found.append((rec.row, rec.skip_reason))
             if rec.row not in self._late_bad:
                 # Counted once per row and process (DataLoader workers count in their own copy).
                 self._late_bad.add(rec.row)

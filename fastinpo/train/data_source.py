@@ -9,6 +9,7 @@ micro-batch ``m`` without replaying anything.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -94,6 +95,9 @@ class PairStream:
                               per_sample_time_ids=d.per_sample_time_ids,
                               max_rows=d.max_rows, seed=config.train.seed) if d.path else None
         self.raw_dataset = raw
+        # skips found when the data was indexed (before any pair is read), and rows found unusable later
+        self._index_skipped: dict[str, int] = dict(raw.skipped) if raw is not None else {}
+        self._late: dict[int, str] = {}
         if d.cache_dir:
             if raw is None:
                 raise ValueError("data.path is required with data.cache_dir: the cache is checked against the data")
@@ -127,7 +131,25 @@ class PairStream:
 
     @property
     def skipped(self) -> dict[str, int]:
-        return dict(getattr(self.raw_dataset, "skipped", {}) or {})
+        """Rows skipped, by reason — one accounting for ``cache`` output, the manifest, metrics and the summary.
+
+        From a cache: the manifest's counts (the rows its build skipped, undecodable images included). Encoded on
+        the fly: the rows skipped when the data was indexed, plus those found unusable as the run reached them
+        (carried in the batches, so DataLoader workers count too, and through checkpoints by
+        :meth:`late_skips` / :meth:`restore_skips`)."""
+        if self.cached:
+            return dict(sorted(self.dataset.skipped.items()))
+        counts = Counter(self._index_skipped)
+        counts.update(self._late.values())
+        return dict(sorted(counts.items()))
+
+    def late_skips(self) -> dict[str, str]:
+        """``{row: reason}`` of the rows found unusable during the run (what a checkpoint stores)."""
+        return {str(row): reason for row, reason in sorted(self._late.items())}
+
+    def restore_skips(self, saved: dict[str, str]) -> None:
+        """Resume: the rows the run had found unusable before its checkpoint."""
+        self._late.update({int(row): reason for row, reason in saved.items()})
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -144,6 +166,8 @@ class PairStream:
         set_epoch = getattr(self.dataset, "set_epoch", None) if self.config.data.num_workers == 0 else None
         for batch in _with_epochs(loader, set_epoch, sampler, start_micro_batch):
             if not self.cached:
+                for row, reason in batch.skipped_rows:
+                    self._late.setdefault(row, reason)
                 positions = batch.positions
                 batch = self.encoder.encode_batch(batch, use_std=self.config.data.latent_sample)
                 batch.positions = positions

@@ -13,18 +13,20 @@ logging steps nothing reads a device value on the host: metrics accumulate on th
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from fastinpo.config import Config, save_config
+from fastinpo.config import Config, check_before_loading, save_config
 from fastinpo.data.batch import EncodedBatch
 from fastinpo.methods import build_method
 from fastinpo.methods.base import PairRandomness, StepInputs
 from fastinpo.ops.schedule import NoiseSchedule
 from fastinpo.train import checkpoint as ckpt
+from fastinpo.train import run_folder
 from fastinpo.train.data_source import PairStream
 from fastinpo.train.engine import Engine
 from fastinpo.train.models import DTYPES
@@ -174,18 +176,37 @@ class StepCounter:
         return bool(every) and self.step % every == 0 and self.step < self.last_step
 
 
-def train(config: Config, *, resume: str | None = None, stop_after: int | None = None) -> dict:
+def train(config: Config, *, resume: str | None = None, stop_after: int | None = None,
+          overwrite: bool = False) -> dict:
     """Run (or resume) a training run, in one process or as one rank of a DeepSpeed launch; returns a summary.
-    ``stop_after`` ends the run after that many optimizer steps of this invocation (with a checkpoint), as an
-    interruption would."""
-    from tqdm.auto import tqdm
 
+    ``stop_after`` ends the run after that many optimizer steps of this invocation (with a checkpoint), as an
+    interruption would. A ``train.output_dir`` that holds a run is refused unless resuming, or with ``overwrite``
+    moved aside first; a resume may change only the run's length and cadence (:mod:`fastinpo.train.run_folder`).
+    A start that fails before training begins removes the output folder if this call created it."""
+    config.validate()
+    check_before_loading(config)  # everything the config alone can reveal, before any weight loads
+    out_dir = Path(config.train.output_dir)
+    created = not out_dir.exists()
+    engine = make_engine(config)
+    try:
+        run = _start(config, out_dir, engine, resume=resume, overwrite=overwrite, stop_after=stop_after)
+    except BaseException:
+        if created and engine.is_main and out_dir.is_dir():
+            shutil.rmtree(out_dir)  # only what this failed start wrote: the folder did not exist before it
+        raise
+    return _loop(config, out_dir, engine, run)
+
+
+def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None, overwrite: bool,
+           stop_after: int | None) -> dict:
+    """Everything before the first step: the output folder, the resume point and its config check, the models,
+    the data, the checkpoint's state; prints the start report. Returns what the loop needs."""
     from fastinpo.models.sd import Encoder, load_components
 
-    config.validate()
-    engine = make_engine(config)
     device = engine.device
-    out_dir = Path(config.train.output_dir)
+    run_folder.claim_output_dir(out_dir, resume=resume, overwrite=overwrite, is_main=engine.is_main)
+    engine.barrier()  # a run moved aside by rank 0 is gone for every rank
     removed: list[Path] = []
     if engine.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -194,22 +215,27 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     resume_from = ckpt.resolve_resume(out_dir, resume)
     if resume_from is None and resume is not None and resume != "latest":
         raise FileNotFoundError(f"no checkpoint at {resume}")
+    if resume_from is None and resume == "latest" and engine.is_main:
+        print(f"fastinpo train: --resume latest: no checkpoint in {ckpt.checkpoint_dir(out_dir)}; starting at "
+              "step 0")
+    if resume_from is not None:
+        run_folder.check_resume_config(config, resume_from, out_dir)
 
     use_cache = bool(config.data.cache_dir)
     components = load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
                                  dtype=DTYPES[config.model.encoder_dtype])
     schedule = NoiseSchedule.from_config(components.scheduler_config)
     method = build_method(config.method, schedule)
-    encoder = None if use_cache else Encoder(components, device)
+    encoder = None if use_cache else Encoder(components, device, vae_slicing=config.data.vae_slicing,
+                                             vae_tiling=config.data.vae_tiling)
     stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
                         rank=engine.rank, world_size=engine.world_size)
     pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * engine.world_size
     engine.wrap(components.unet, schedule, pairs_per_step)
-    models = engine.models
     if config.method.trajectory_cache_dir:  # one process only (Config.validate)
         from fastinpo.data.trajectory_cache import open_for_run
 
-        method.trajectory_cache = open_for_run(config, stream, models, schedule, device)
+        method.trajectory_cache = open_for_run(config, stream, engine.models, schedule, device)
 
     state = {"nan_steps": 0, "consecutive_nan": 0}
     start_step = 0
@@ -217,15 +243,29 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
         saved = engine.load_checkpoint(resume_from)
         start_step = int(saved["step"])
         state.update({k: saved[k] for k in state})
+        stream.restore_skips(saved.get("late_skipped_rows", {}))
     if engine.is_main:
+        for line in run_folder.start_report(config, device=device, label=engine.label, stream=stream,
+                                            pairs_per_step=pairs_per_step, start_step=start_step,
+                                            resumed_from=resume_from):
+            print(f"fastinpo train: {line}")
         save_config(config, out_dir / "config.yaml")
         engine.write_settings(out_dir)
+    last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
+    return {"components": components, "method": method, "stream": stream, "pairs_per_step": pairs_per_step,
+            "state": state, "start_step": start_step, "last_step": last_step, "removed": removed}
 
+
+def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
+    """The optimizer steps, the final checkpoint, the export and the summary."""
+    from tqdm.auto import tqdm
+
+    device, models, stream, method = engine.device, engine.models, run["stream"], run["method"]
+    start_step, last_step, pairs_per_step = run["start_step"], run["last_step"], run["pairs_per_step"]
     log = MetricsLog(out_dir, start_step, is_main=engine.is_main, reduce=engine.reduce_metrics)
     grids = ValidationGrids(config, out_dir, device)
     batches = stream.batches(start_step * config.train.grad_accum)
-    last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
-    counter = StepCounter(state, start_step, last_step, device)
+    counter = StepCounter(run["state"], start_step, last_step, device)
     bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
                disable=not (config.train.progress and engine.is_main),
                desc=f"{config.method.name} {'lora' if models.lora else 'full'}{engine.label}")
@@ -234,6 +274,7 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
     def save(step_now: int) -> Path:
         return engine.save_checkpoint(out_dir, step_now, {
             **counter.checkpoint_state(), "method": config.method.name, "lora": models.lora,
+            "config": config.to_dict(), "late_skipped_rows": stream.late_skips(),
             **engine.checkpoint_state()}, config.train.keep_last)
 
     try:
@@ -262,11 +303,12 @@ def train(config: Config, *, resume: str | None = None, stop_after: int | None =
         log.close()
 
     summary = {"step": step, "checkpoint": str(final), "skipped_rows": stream.skipped,
-               "removed_partial_checkpoints": [str(p) for p in removed], "pairs": len(stream), **engine.summary()}
+               "removed_partial_checkpoints": [str(p) for p in run["removed"]], "pairs": len(stream),
+               **engine.summary()}
     if getattr(method, "trajectory_cache", None) is not None:
         summary["trajectory_cache"] = method.trajectory_cache.stats()
     if step >= config.train.max_steps:
-        summary["export"] = str(engine.export(out_dir / "export", components.arch))
+        summary["export"] = str(engine.export(out_dir / "export", run["components"].arch))
     if engine.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
