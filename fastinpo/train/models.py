@@ -104,8 +104,9 @@ def unet_callables(config: Config, unet, reference_unet, inversion_unet, lora: b
                    compile: bool = False) -> Models:
     """The ``(x, t, cond) -> eps`` callables of the run's UNets: the policy (under ``train.mixed_precision``
     autocast), the reference (its frozen copy in ``model.reference_dtype``, or with LoRA the policy with its
-    adapters disabled, float32) and the optional inversion copy (no grad). ``compile`` calls every UNet through
-    ``torch.compile`` (the modules themselves, their weights and what is saved, are unchanged)."""
+    adapters disabled; under the policy's autocast unless the copy is half precision) and the optional inversion
+    copy (no grad). ``compile`` calls every UNet through ``torch.compile`` (the modules themselves, their weights
+    and what is saved, are unchanged)."""
     amp_dtype = DTYPES[config.train.mixed_precision]
     ref_dtype = DTYPES[config.model.reference_dtype]
     if compile:
@@ -126,20 +127,28 @@ def unet_callables(config: Config, unet, reference_unet, inversion_unet, lora: b
         with autocast():
             return _unet_forward(policy_unet, x, t, cond, torch.float32)
 
+    # Policy and reference are evaluated identically when their weights are equal: the LoRA reference (the
+    # policy's own weights, adapters off) and a float32 reference copy run under the policy's autocast, so at
+    # θ = θ_ref the DPO logits are 0 in every precision and the early loss, accuracy and margin measure
+    # preference, not precision. A float16/bfloat16 reference copy (model.reference_dtype, the official InPO /
+    # Inversion-DPO choice) is by design another evaluation: its weights and every op are in that dtype.
     if lora:
         def reference(x, t, cond):
             unet.disable_adapters()
             try:
-                return _unet_forward(policy_unet, x, t, cond, torch.float32).float()
+                with autocast():
+                    return _unet_forward(policy_unet, x, t, cond, torch.float32).float()
             finally:
                 unet.enable_adapters()
     else:
         reference_run = run(reference_unet) if reference_unet is not None else None
+        ref_autocast = autocast if ref_dtype == torch.float32 else nullcontext
 
         def reference(x, t, cond):
             if reference_run is None:
                 raise RuntimeError("this method has no reference model")
-            return _unet_forward(reference_run, x, t, cond, ref_dtype).float()
+            with ref_autocast():
+                return _unet_forward(reference_run, x, t, cond, ref_dtype).float()
 
     inversion = None
     if inversion_unet is not None:
