@@ -29,64 +29,18 @@ WORDS = ("a red fox in the snow", "two castles at dusk", "portrait of an old sai
 
 
 # ----------------------------------------------------------------------------------------------- models
-SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
-SDXL_UNET = dict(sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280), cross_attention_dim=2048, attention_head_dim=(5, 10, 20),
-                 transformer_layers_per_block=(1, 2, 10), use_linear_projection=True,
-                 down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 addition_embed_type="text_time", addition_time_embed_dim=256,
-                 projection_class_embeddings_input_dim=2816)
-CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-              projection_dim=768)
-CLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                 projection_dim=1280, hidden_act="gelu")
-VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           layers_per_block=2, norm_num_groups=32)
-
-
-def real_size_pipeline(arch: str, out_dir: str, resolution: int) -> str:
-    """An SD1.5- or SDXL-size pipeline folder with the real configs and random weights (nothing downloaded)."""
-    import json
-
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-
-    from fastinpo.models import write_clip_tokenizer
-    from fastinpo.schedule import SD_SCHEDULER_CONFIG
-
-    torch.manual_seed(0)
-    base = dict(vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407,
-                pad_token_id=49407, hidden_act="quick_gelu")
-    os.makedirs(out_dir, exist_ok=True)
-    unet = UNet2DConditionModel(**(SDXL_UNET if arch == "sdxl" else SD15_UNET))
-    unet.save_pretrained(os.path.join(out_dir, "unet"))
-    del unet
-    AutoencoderKL(**VAE, sample_size=resolution,
-                  scaling_factor=0.13025 if arch == "sdxl" else 0.18215).save_pretrained(os.path.join(out_dir, "vae"))
-    CLIPTextModel(CLIPTextConfig(**{**base, **CLIP_L})).save_pretrained(os.path.join(out_dir, "text_encoder"))
-    write_clip_tokenizer(os.path.join(out_dir, "tokenizer"))
-    if arch == "sdxl":
-        CLIPTextModelWithProjection(CLIPTextConfig(**{**base, **CLIP_BIGG})).save_pretrained(
-            os.path.join(out_dir, "text_encoder_2"))
-        write_clip_tokenizer(os.path.join(out_dir, "tokenizer_2"))
-    os.makedirs(os.path.join(out_dir, "scheduler"), exist_ok=True)
-    with open(os.path.join(out_dir, "scheduler", "scheduler_config.json"), "w") as f:
-        json.dump({"_class_name": "DDIMScheduler", **SD_SCHEDULER_CONFIG}, f)
-    return out_dir
-
-
 def make_pipeline(model: str, work: str, resolution: int) -> str:
+    """The group's pipeline folder: tiny (``tiny-sdxl`` / ``tiny-sd15``) or real-size random (``sd15`` / ``sdxl``,
+    :mod:`fastinpo.full_size`; bf16 weights built on the GPU where there is one — the benchmark upcasts the UNet)."""
+    from fastinpo.full_size import make_full_pipeline
     from fastinpo.models import make_tiny_pipeline
 
     folder = os.path.join(work, model)
     if model in ("tiny-sdxl", "tiny-sd15"):
         return str(make_tiny_pipeline(folder, model.split("-")[1], seed=0, sample_size=resolution))
-    return real_size_pipeline(model, folder, resolution)
+    cuda = torch.cuda.is_available()
+    return str(make_full_pipeline(folder, model, dtype=torch.bfloat16 if cuda else torch.float32,
+                                  resolution=resolution, device="cuda" if cuda else "cpu"))
 
 
 # ----------------------------------------------------------------------------------------------- data
