@@ -54,6 +54,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import os
@@ -125,6 +126,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--no-variants", action="store_true", help="fastinpo vs reference only (no on/off rows)")
     p.add_argument("--compile", action="store_true", help="add the reference under torch.compile")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--pipeline-dir", default=None,
+                   help="folder for the made pipelines, kept and reused (default: a temporary folder)")
     p.add_argument("--tag", default="", help="suffix of the output names (tagged files never feed the README table)")
     p.add_argument("--readme-table", action="store_true", help="print the README table from the results and exit")
     p.add_argument("--update-readme", action="store_true",
@@ -180,7 +183,9 @@ def run(args) -> int:
 
     all_rows: list[dict] = []
     t_start = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="fastinpo-bench-") as work:
+    with contextlib.ExitStack() as stack:
+        # --pipeline-dir keeps (and reuses) the made pipeline folders, e.g. for the GPU kit's later stages
+        work = args.pipeline_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastinpo-bench-"))
         for model in args.model:
             tiny = model.startswith("tiny")
             resolution = args.resolution or (32 if tiny else 1024 if model == "sdxl" else 512)
@@ -218,6 +223,7 @@ def run(args) -> int:
                           f"{r.get('unet_calls', '')}/{r.get('unet_samples', '')}  {r.get('note', '')[:70]}",
                           flush=True)
                 all_rows += rows
+                write_csv(stem + ".csv", all_rows)  # after every group: a run cut short keeps what it measured
                 del group, cases
                 gc.collect()
                 if cuda:

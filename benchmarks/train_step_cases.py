@@ -36,6 +36,8 @@ def make_pipeline(model: str, work: str, resolution: int) -> str:
     from fastinpo.models import make_tiny_pipeline
 
     folder = os.path.join(work, model)
+    if os.path.isfile(os.path.join(folder, "model_index.json")):  # made earlier (--pipeline-dir): reuse it
+        return folder
     if model in ("tiny-sdxl", "tiny-sd15"):
         return str(make_tiny_pipeline(folder, model.split("-")[1], seed=0, sample_size=resolution))
     cuda = torch.cuda.is_available()
