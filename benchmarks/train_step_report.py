@@ -175,33 +175,52 @@ def render_report(csv_path: str, extra: list[str] | None = None) -> None:
                                      f"{base['commit']}")
 
 
-def newest_results(results_dir: str) -> list[str]:
-    """The newest full (non-smoke) train-step CSV per device slug, falling back to a smoke file."""
-    files = sorted(glob.glob(os.path.join(results_dir, "train-step-*.csv")))
-    best: dict[str, str] = {}
-    for f in files:
+def results_by_device(results_dir: str) -> dict[str, list[str]]:
+    """The full (non-smoke, untagged) train-step CSVs per device slug, oldest first; a device with none falls back
+    to its newest smoke file."""
+    full: dict[str, list[tuple[str, str]]] = {}
+    smoke: dict[str, tuple[str, str]] = {}
+    for f in sorted(glob.glob(os.path.join(results_dir, "train-step-*.csv"))):
         m = re.match(r"train-step-(.+)-(\d{4}-\d{2}-\d{2})(-smoke)?\.csv$", os.path.basename(f))
         if not m:
             continue
-        slug, date, smoke = m.group(1), m.group(2), bool(m.group(3))
-        key = (not smoke, date)
-        if slug not in best or key >= best[slug][0]:
-            best[slug] = (key, f)
-    return [f for _, f in best.values()]
+        slug, date, is_smoke = m.group(1), m.group(2), bool(m.group(3))
+        if is_smoke:
+            if slug not in smoke or date >= smoke[slug][0]:
+                smoke[slug] = (date, f)
+        else:
+            full.setdefault(slug, []).append((date, f))
+    out = {slug: [f for _, f in sorted(files)] for slug, files in full.items()}
+    for slug, (_, f) in smoke.items():
+        out.setdefault(slug, [f])
+    return out
+
+
+def newest_results(results_dir: str) -> list[str]:
+    """The newest full (non-smoke) train-step CSV per device slug, falling back to a smoke file."""
+    return [files[-1] for files in results_by_device(results_dir).values()]
 
 
 def readme_table(results_dir: str = os.path.join(HERE, "results")) -> str:
-    """The README performance table, rendered from the results files (never typed by hand)."""
+    """The README performance table, rendered from the results files (never typed by hand).
+
+    Per device, every group (model, method, mode, N, B) comes from the newest full results file that measured it:
+    a later run of some groups (e.g. only InPO, after its reference changed) replaces those groups' lines and
+    keeps the others', each line naming its own file and commit."""
     lines = ["| device | model | method | mode | B | fastinpo pairs/s | reference pairs/s | speedup (paired "
              "median [IQR]) | vs reference under torch.compile | peak MB fastinpo / reference | source |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for path in newest_results(results_dir):
-        rows = read_rows(path)
-        groups: dict[tuple, dict] = {}
-        for r in rows:
-            key = (r["model"], r["method"], r["mode"], r["steps_N"], r["pairs"])
-            groups.setdefault(key, {})[r["case"]] = r
-        for (model, method, mode, n, pairs), cases in groups.items():
+    for files in results_by_device(results_dir).values():
+        groups: dict[tuple, tuple[str, dict]] = {}
+        for path in files:  # oldest first: a newer file's group replaces an older one in place
+            by_key: dict[tuple, dict] = {}
+            for r in read_rows(path):
+                key = (r["model"], r["method"], r["mode"], r["steps_N"], r["pairs"])
+                by_key.setdefault(key, {})[r["case"]] = r
+            for key, cases in by_key.items():
+                if "reference" in cases:
+                    groups[key] = (path, cases)
+        for (model, method, mode, n, pairs), (path, cases) in groups.items():
             for case, label in TARGET_CASES.items():
                 lines += _readme_line(path, model, method, mode, n, pairs, cases.get(case), cases.get("reference"),
                                       label)
