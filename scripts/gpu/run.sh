@@ -23,7 +23,7 @@ for arg in "$@"; do
     *) echo "run.sh: unknown option $arg (use --dry-run, --total-s=N, --only=STAGE,...)" >&2; exit 2 ;;
   esac
 done
-[ -z "$TOTAL_S" ] && { [ $DRY -eq 1 ] && TOTAL_S=600 || TOTAL_S=480; }  # the GPU call: <= 8 minutes
+[ -z "$TOTAL_S" ] && { [ $DRY -eq 1 ] && TOTAL_S=900 || TOTAL_S=480; }  # the GPU call: <= 8 minutes
 KIT_START=$(date +%s)
 if [ -z "${OUT:-}" ]; then OUT="$REPO/.gpu-out"; [ $DRY -eq 1 ] && OUT="$REPO/.gpu-dry-run"; fi
 mkdir -p "$OUT"
@@ -152,7 +152,7 @@ kernels() {
 train_step() {
   if [ "$DRY" = 1 ]; then
     "$PY" benchmarks/bench_train_step.py --smoke --out "$RES" --pipeline-dir "$SCRATCH/pipes" --repeats 1 \
-      --num-steps 4
+      --num-steps 2
   else
     # real size (random weights from the real configs), bf16 autocast, SDPA; fastinpo vs the reference step
     common=(--out "$RES" --pipeline-dir "$SCRATCH/pipes" --pairs 1 --repeats 3 --warmup 1 --no-variants)
@@ -178,27 +178,30 @@ e2e() {
   data="$w/data"
   "${FASTINPO[@]}" make-tiny-data "$data" --rows 16 --resolution $((res + 8))
   local prec=bf16; [ "$DRY" = 1 ] && prec='"no"'
+  # steps: LoRA to S1 (checkpoint every 2), resume to S2, full and ZeRO-3 S3 each (the dry run: process start-up
+  # dominates on the CPU, so fewer)
+  local S1=3 S2=4 S3=2; [ "$DRY" = 1 ] && { S1=2; S2=3; S3=1; }
   set_common=(--set "model.path=$pipe" --set "data.path=$data" --set "data.resolution=$res"
               --set "train.mixed_precision=$prec" --set "train.log_every=1" --set "train.progress=false"
               --set "train.device=$dev" --set "method.name=inpo")
-  echo "$(date +%T) --- LoRA InPO: 3 steps, checkpoint every 2"
-  "${FASTINPO[@]}" train "${set_common[@]}" --set "lora.rank=4" --set "train.max_steps=3" \
+  echo "$(date +%T) --- LoRA InPO: $S1 steps, checkpoint every 2"
+  "${FASTINPO[@]}" train "${set_common[@]}" --set "lora.rank=4" --set "train.max_steps=$S1" \
     --set "train.checkpoint_every=2" --set "train.output_dir=$w/lora" || exit 1
   ls "$w/lora/checkpoints"
-  echo "$(date +%T) --- resume latest to step 4"
-  "${FASTINPO[@]}" train "${set_common[@]}" --set "lora.rank=4" --set "train.max_steps=4" \
+  echo "$(date +%T) --- resume latest to step $S2"
+  "${FASTINPO[@]}" train "${set_common[@]}" --set "lora.rank=4" --set "train.max_steps=$S2" \
     --set "train.checkpoint_every=2" --set "train.output_dir=$w/lora" --resume latest || exit 1
   ls "$w/lora/export" || exit 1
-  echo "$(date +%T) --- full fine-tuning with gradient checkpointing: 2 steps (bf16 reference)"
-  "${FASTINPO[@]}" train "${set_common[@]}" --set "train.max_steps=2" --set "model.gradient_checkpointing=true" \
+  echo "$(date +%T) --- full fine-tuning with gradient checkpointing: $S3 steps (bf16 reference on the GPU)"
+  "${FASTINPO[@]}" train "${set_common[@]}" --set "train.max_steps=$S3" --set "model.gradient_checkpointing=true" \
     --set "model.reference_dtype=$([ "$DRY" = 1 ] && echo float32 || echo bfloat16)" \
     --set "train.output_dir=$w/full" || exit 1
   ls "$w/full/export" || exit 1
-  echo "$(date +%T) --- DeepSpeed ZeRO-3, world size 1 ($([ "$DRY" = 1 ] && echo gloo || echo NCCL)), LoRA InPO: 2 steps"
+  echo "$(date +%T) --- DeepSpeed ZeRO-3, world size 1 ($([ "$DRY" = 1 ] && echo gloo || echo NCCL)), LoRA InPO: $S3 steps"
   # one process, no launcher: init_distributed makes the 1-rank group (NCCL on CUDA, gloo on the CPU); under
   # `torchrun --standalone` the CPU dry run hung in rendezvous on the CI machine
   "${FASTINPO[@]}" train "${set_common[@]}" \
-    --set "lora.rank=4" --set "train.max_steps=2" --set "distributed.backend=deepspeed" \
+    --set "lora.rank=4" --set "train.max_steps=$S3" --set "distributed.backend=deepspeed" \
     --set "distributed.deepspeed_config=zero3" --set "train.output_dir=$w/zero3" || exit 1
   ls "$w/zero3/export" || exit 1
   for d in lora full zero3; do [ -f "$w/$d/metrics.jsonl" ] && cp "$w/$d/metrics.jsonl" "$RES/e2e-$d-metrics.jsonl"; done
@@ -215,11 +218,11 @@ echo "fastinpo GPU kit: $([ $DRY = 1 ] && echo 'DRY RUN (CPU, tiny sizes)' || ec
 # budgets: GPU run / dry run (the dry run's are for a loaded 2-core CPU machine)
 b() { [ $DRY = 1 ] && echo "$2" || echo "$1"; }
 stage wheels      "$(b 40 60)"   "$PRELUDE wheels"
-stage build       "$(b 150 90)"  "$PRELUDE build"
-stage correctness "$(b 100 60)"  "$PRELUDE correctness"
-stage kernels     "$(b 80 40)"   "$PRELUDE kernels"
-stage train-step  "$(b 170 90)"  "$PRELUDE train_step"
-stage e2e         "$(b 150 300)" "$PRELUDE e2e"
+stage build       "$(b 150 120)" "$PRELUDE build"
+stage correctness "$(b 100 120)" "$PRELUDE correctness"
+stage kernels     "$(b 80 60)"   "$PRELUDE kernels"
+stage train-step  "$(b 170 150)" "$PRELUDE train_step"
+stage e2e         "$(b 150 360)" "$PRELUDE e2e"
 
 # ---------------------------------------------------------------------------------------------------- summary
 {
