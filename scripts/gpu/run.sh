@@ -198,8 +198,11 @@ e2e() {
     --set "train.output_dir=$w/full" || exit 1
   ls "$w/full/export" || exit 1
   echo "$(date +%T) --- DeepSpeed ZeRO-3, world size 1 ($([ "$DRY" = 1 ] && echo gloo || echo NCCL)), LoRA InPO: $S3 steps"
-  # one process, no launcher: init_distributed makes the 1-rank group (NCCL on CUDA, gloo on the CPU); under
-  # `torchrun --standalone` the CPU dry run hung in rendezvous on the CI machine
+  # one process, no launcher: init_distributed makes the 1-rank group (NCCL on CUDA, gloo on the CPU), on a free
+  # port (the default one may be held by another job on a shared machine: the rendezvous then waits forever)
+  local port
+  port=$("$PY" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  MASTER_ADDR=127.0.0.1 MASTER_PORT=$port RANK=0 WORLD_SIZE=1 LOCAL_RANK=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} \
   "${FASTINPO[@]}" train "${set_common[@]}" \
     --set "lora.rank=4" --set "train.max_steps=$S3" --set "distributed.backend=deepspeed" \
     --set "distributed.deepspeed_config=zero3" --set "train.output_dir=$w/zero3" || exit 1
