@@ -4,6 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastinpo-installed
 export PY
+# torch.compile's cache per checkout: /tmp/torchinductor_$USER is shared by every worktree on a machine, and a graph
+# cached from another checkout's version of a custom op (e.g. fastinpo_triton::dpo_fwd) fails with a schema error
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/torchinductor
 
 .PHONY: install demo test test-core test-triton test-distributed bench-smoke lint clean gpu-prepare gpu-dry-run \
 	test-gpu
