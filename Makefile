@@ -4,8 +4,12 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fastinpo-installed
 export PY
+# torch.compile's cache per checkout: /tmp/torchinductor_$USER is shared by every worktree on a machine, and a graph
+# cached from another checkout's version of a custom op (e.g. fastinpo_triton::dpo_fwd) fails with a schema error
+export TORCHINDUCTOR_CACHE_DIR ?= $(CURDIR)/.cache/torchinductor
 
-.PHONY: install demo test test-core test-triton test-distributed bench-smoke lint clean
+.PHONY: install demo test test-core test-triton test-distributed bench-smoke lint clean gpu-prepare gpu-dry-run \
+	test-gpu
 
 $(STAMP): pyproject.toml setup.py scripts/install.sh
 	VENV=$(VENV) bash scripts/install.sh
@@ -39,8 +43,20 @@ test-triton: $(STAMP)
 	@if [ -d tests/triton ]; then TRITON_INTERPRET=1 bash scripts/run_pytest.sh --allow-empty -q tests/triton; \
 	else echo "[test-triton] no tests/triton yet: no Triton kernel to test"; fi
 
+## The GPU kit (docs/GPU.md): the wheels the GPU image lacks, and the kit's CPU dry run (CI runs it).
+gpu-prepare: $(STAMP)
+	PY=$(PY) bash scripts/gpu/prepare.sh
+
+gpu-dry-run: $(STAMP)
+	PY=$(PWD)/$(PY) bash scripts/gpu/run.sh --dry-run
+
+# On a CUDA machine: the GPU tests with Triton compiled (never the interpreter), and every op on CUDA tensors.
+test-gpu: $(STAMP)
+	TRITON_INTERPRET=0 bash scripts/run_pytest.sh -q -m gpu tests/triton tests/test_extension.py -rs
+	TRITON_INTERPRET=0 bash scripts/run_pytest.sh -q tests/test_ops_cuda.py -rs
+
 lint: $(STAMP)
-	$(PY) -m ruff check fastinpo kernels tests benchmarks
+	$(PY) -m ruff check fastinpo kernels tests benchmarks scripts
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

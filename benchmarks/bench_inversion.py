@@ -2,9 +2,9 @@
 
 Part (a), ``op=ddim_step``: one inversion step on SDXL-shaped latents ``2B × 4 × 128 × 128`` (B ∈ {1, 4, 16}),
 per-sample ᾱ, providers
-  - ``reference``: :func:`fastinpo.reference.ddim_inversion_step`, eager;
+  - ``reference``: :func:`fastinpo.ops.reference.ddim_inversion_step`, eager;
   - ``compile``: ``torch.compile`` of the same function (skipped, with the reason printed, if it fails);
-  - ``ext``: :func:`fastinpo.extension.ddim_inversion_step_ext` (``torch.ops.fastinpo.ddim_inversion_step_alphas``).
+  - ``ext``: :func:`fastinpo.ops.extension.ddim_inversion_step_ext` (``torch.ops.fastinpo.ddim_inversion_step_alphas``).
 Median and spread (p10/p90, IQR) over many repeats after warm-up, providers interleaved repeat by repeat so that
 a noisy machine slows all of them alike, rotating among several random input sets (never zeros); CUDA events on a
 GPU, ``perf_counter`` on CPU. GB/s on the bytes the step must move (``x`` and ``eps`` read, ``x_next`` written),

@@ -1,7 +1,7 @@
 """Benchmark of the fused kernels against the reference (issue 3).
 
 Providers:
-  - ``reference``: the plain-PyTorch reference (``fastinpo.reference``), eager;
+  - ``reference``: the plain-PyTorch reference (``fastinpo.ops.reference``), eager;
   - ``compile``: ``torch.compile`` of the same reference functions (skipped, with the reason printed, if it fails);
   - ``triton``: the fused Triton kernels (CUDA only: the interpreter is never timed).
 

@@ -81,9 +81,21 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    if args.size == "full":  # the real SD1.5 / SDXL architectures, random weights
+        import torch
+
+        from fastinpo.models.full_size import make_full_pipeline
+
+        out = make_full_pipeline(args.out, args.arch, dtype=getattr(torch, args.dtype), resolution=args.resolution,
+                                 seed=args.seed, device=args.device, overwrite=args.overwrite)
+        print(f"real-size {args.arch} pipeline (random weights, {args.dtype}) written to {out}")
+        return 0
+    if args.dtype != "float32" or args.device != "cpu" or args.overwrite:
+        raise ValueError("--dtype, --device and --overwrite apply to --size full (the tiny pipeline is float32, "
+                         "built on the CPU)")
     from fastinpo.models.sd import make_tiny_pipeline
 
-    out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution)
+    out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution or 32)
     print(f"tiny {args.arch} pipeline written to {out}")
     return 0
 
@@ -150,10 +162,19 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("make-tiny-pipeline", help="write a tiny random SD1.5/SDXL pipeline (diffusers layout)")
+    p = sub.add_parser("make-tiny-pipeline", help="write a random SD1.5/SDXL pipeline (diffusers layout): tiny, "
+                       "or the real architectures with --size full")
     p.add_argument("out", help="output folder")
     p.add_argument("--arch", choices=("sd15", "sdxl"), default="sdxl")
-    p.add_argument("--resolution", type=int, default=32, help="image resolution the tiny VAE is built for")
+    p.add_argument("--size", choices=("tiny", "full"), default="tiny",
+                   help="tiny (~0.3M-parameter UNet) or full (the real SD1.5 / SDXL configs: SDXL needs ~11 GiB in "
+                        "float32, build it with --device cuda and --dtype bfloat16 where possible)")
+    p.add_argument("--resolution", type=int, default=None,
+                   help="image resolution the VAE is built for (default 32 tiny; 512 / 1024 full)")
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="stored weight dtype (--size full)")
+    p.add_argument("--device", default="cpu", help="where the parts are built before writing (--size full)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing non-empty folder (--size full)")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_make_tiny)
 
@@ -186,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as err:
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError) as err:
         print(f"fastinpo {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -80,7 +80,7 @@ def jobs():
         out.append((label, dpo_loss._dpo_grad_kernel, {}, grad_scalars, ce))
     out.append(("accumulate_rows", inversion_dpo._accumulate_rows_kernel, {},
                 {"n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_C": 64}))
-    step_scalars = {"alpha_init": "fp32", "g": "fp32", "seed": "i64", "n": "i32", "n_rows": "i32",
+    step_scalars = {"alpha_init": "fp32", "g": "fp32", "seed": "i64", "n_levels": "i32", "n": "i32", "n_rows": "i32",
                     "x_stride": "i64", "eps_stride": "i64", "out_stride": "i64"}
     for xd in _DT:
         for ed in sorted({xd, "fp32"}):

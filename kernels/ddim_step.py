@@ -3,7 +3,7 @@
 ``x_next = sqrt(a_to) * (x - sqrt(1 - a_from) * eps) / sqrt(a_from) + sqrt(1 - a_to) * eps`` in float32, with
 
 - per-sample ᾱ given as vectors (the registered ``"ddim_inversion_step"`` op), or gathered in-kernel from the ᾱ
-  table by per-sample integer level (a negative level reads ``ᾱ_init``, as :func:`fastinpo.schedule.gather_alphas`);
+  table by per-sample integer level (a negative level reads ``ᾱ_init``, as :func:`fastinpo.ops.schedule.gather_alphas`);
 - optional classifier-free guidance: ``eps`` is ``(2n, ...)`` = ``[uncond; cond]`` and ``eps = u + g (c - u)``
   is formed in registers (the ``(n, ...)`` guided ε is never written);
 - optional InPO noise ``x_next += noise_scale[s] * N(0, 1)`` drawn in-kernel with Philox (``tl.randn``): the
@@ -14,6 +14,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -23,7 +25,8 @@ from fastinpo.kernels.dpo_loss import SUPPORTED_DTYPES, as_rows
 _MAX_GRID_YZ = 65535
 
 
-@triton.jit
+# seed: not specialised by value (i32/i64, %16, ==1 would each compile a variant on first use: GPU review item 10)
+@triton.jit(do_not_specialize=["seed"])
 def _ddim_step_kernel(
     x_ptr,
     eps_ptr,
@@ -37,6 +40,7 @@ def _ddim_step_kernel(
     alpha_init,
     g,
     seed,
+    n_levels,
     n,
     n_rows,
     x_stride,
@@ -55,8 +59,12 @@ def _ddim_step_kernel(
     if GATHER:
         i_from = tl.load(tfrom_ptr + row)
         i_to = tl.load(tto_ptr + row)
-        a_from = tl.where(i_from < 0, alpha_init, tl.load(afrom_ptr + tl.maximum(i_from, 0)).to(tl.float32))
-        a_to = tl.where(i_to < 0, alpha_init, tl.load(afrom_ptr + tl.maximum(i_to, 0)).to(tl.float32))
+        # clamped into the table as csrc/ddim_step.h does: a level >= T, or a sentinel on an inactive sample,
+        # never reads out of bounds (a sticky CUDA error); an inactive sample's result is discarded below
+        j_from = tl.minimum(tl.maximum(i_from, 0), n_levels - 1)
+        j_to = tl.minimum(tl.maximum(i_to, 0), n_levels - 1)
+        a_from = tl.where(i_from < 0, alpha_init, tl.load(afrom_ptr + j_from).to(tl.float32))
+        a_to = tl.where(i_to < 0, alpha_init, tl.load(afrom_ptr + j_to).to(tl.float32))
     else:
         a_from = tl.load(afrom_ptr + row).to(tl.float32)
         a_to = tl.load(ato_ptr + row).to(tl.float32)
@@ -105,6 +113,15 @@ def _launch(x, eps, out, afrom, ato, tfrom, tto, alpha_init, cfg_scale, active, 
         return
     BLOCK = block or 1024
     gather = tfrom is not None
+    # launch on the tensors' device, not the current one (GPU review item 7: cuda:1 without set_device)
+    guard = torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext()
+    with guard:
+        _launch_kernel(x, eps, out, afrom, ato, tfrom, tto, alpha_init, cfg_scale, active, noise_seed, noise_scale,
+                       BLOCK, gather, n, n_rows)
+
+
+def _launch_kernel(x, eps, out, afrom, ato, tfrom, tto, alpha_init, cfg_scale, active, noise_seed, noise_scale,
+                   BLOCK, gather, n, n_rows):
     _ddim_step_kernel[(triton.cdiv(n, BLOCK), n_rows)](
         x,
         eps,
@@ -118,6 +135,7 @@ def _launch(x, eps, out, afrom, ato, tfrom, tto, alpha_init, cfg_scale, active, 
         float(alpha_init),
         float(cfg_scale) if cfg_scale is not None else 0.0,
         int(noise_seed) if noise_seed is not None else 0,
+        afrom.shape[0] if gather else 1,  # the ᾱ table's length (gather mode: afrom is the table)
         n,
         n_rows,
         x.stride(0),
@@ -225,7 +243,8 @@ def ddim_inversion_step_fused(
         ns = _vec("noise_scale", noise_scale, n, dev, torch.float32)
     else:
         ns = None
-    # levels >= T are not checked here (it would cost a device sync per step); gather_alphas is the checked path
+    # levels >= T are not checked here (it would cost a device sync per step; gather_alphas is the checked path):
+    # the kernel clamps them into the table, as the C++/CUDA extension does
     xr = as_rows(x, n)
     er = as_rows(eps, eps.shape[0])
     result = out

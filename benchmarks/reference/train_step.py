@@ -10,11 +10,18 @@ the benchmark exists to compare with:
 - the losses are plain eager PyTorch, written like the scripts (``F.mse_loss(..., reduction="none")``, ``chunk(2)``,
   ``-F.logsigmoid``), no fused kernels;
 - Diffusion-DPO: one policy call and one reference call on ``[winners; losers]`` (the scripts concatenate too);
-- DDIM-InPO: the policy inversion makes one model call per grid step over the WHOLE batch — all K grid steps —
-  and masks the update of samples whose pair is already done (no prefix batching, no early exit);
+- DDIM-InPO: the policy inversion makes one model call per grid step over the WHOLE batch and stops where the
+  official script stops: it inverts only through the levels below the pair's ``t`` (``timesteps < t``; about 6.4
+  calls on average at K = 10, not all 10). With B > 1 pairs it runs up to the largest ``t`` of the batch and masks
+  the update of samples whose pair is already done (the official code takes the first pair's ``t`` for the whole
+  batch, which is not the same math; this is the correct whole-batch version of its structure). No prefix
+  batching: every call is on all 2B samples;
 - Inversion-DPO: winners and losers are inverted separately (separate model calls, as the released code calls its
   ``ddim_inversion`` once per image), each call batching the two CFG halves like the released
-  ``_get_noise_pred_unet``; all N policy evaluations stay in one autograd graph and one ``backward``;
+  ``_get_noise_pred_unet``: per image N no-grad reference calls along the trajectory, then N policy calls at its
+  points (4N UNet calls of 2 rows per pair); all N policy evaluations stay in one autograd graph and one
+  ``backward``. (The released code also re-encodes the prompt and the empty prompt inside every ``ddim_inversion``
+  call; this step encodes once per step, so it is, if anything, faster than the released structure.)
 - the frozen reference UNet is a copy in ``ref_dtype`` (the scripts: fp16 for InPO and Diffusion-DPO, bf16 for
   Inversion-DPO); in LoRA mode the reference is the policy with its adapters disabled (diffusers' LoRA DPO
   example).
@@ -22,7 +29,7 @@ the benchmark exists to compare with:
 Where the scripts deviate from SPEC.md this file follows SPEC (so the numbers can be checked against fastinpo):
 float32 ᾱ tables and inversion states, timesteps passed as integers (never rounded through a bf16 cast), per-pair
 ``t`` everywhere, the paper's sign for Inversion-DPO (``flip_sign`` gives the released one), per-sample MSE for
-``B > 1`` pairs. It imports the schedule arithmetic (ᾱ table, grids) from :mod:`fastinpo.schedule` and nothing
+``B > 1`` pairs. It imports the schedule arithmetic (ᾱ table, grids) from :mod:`fastinpo.ops.schedule` and nothing
 else of fastinpo: the losses, the inversion loops and the step are written here, independently.
 """
 
@@ -230,19 +237,24 @@ def inpo_invert_whole_batch(models: ReferenceModels, z0: torch.Tensor, t: torch.
                             generators: list[torch.Generator] | None = None) -> torch.Tensor:
     """DDIM-InPO policy inversion (SPEC §3), one model call per grid step over the whole batch.
 
-    Every one of the K grid steps calls the policy on all ``2B`` samples; a sample whose pair has already reached
-    its level keeps its state (``torch.where``). η > 0 adds ``η σ n`` with ``n`` drawn per sample — from
-    ``generators`` (one per sample, winners then losers) when given, so a test can feed the same noise as
-    fastinpo; a sample draws at every step, but the draws after its last active step are never used.
+    The grid steps whose source level is below the batch's largest ``t`` run (the official script's
+    ``timesteps < t``: B = 1 inverts exactly up to its pair's ``t``, and stops there); each calls the policy on all
+    ``2B`` samples, and a sample whose pair has already reached its level keeps its state (``torch.where``).
+    η > 0 adds ``η σ n`` with ``n`` drawn per sample — from ``generators`` (one per sample, winners then losers)
+    when given, so a test can feed the same noise as fastinpo; a sample draws at every step that runs, but the
+    draws after its last active step are never used.
     """
     grid = inpo_grid(models.schedule, num_levels)
     alphas = _alphas(models, z0.device)
     t2 = t.to(z0.device).repeat(2)
     x = z0.detach().float().clone()
     n = x.shape[0]
+    t_max = int(t2.max())  # one host read per step, as the official script's python-side `t` loop bound
     with torch.no_grad():
         for k in range(grid.num_levels):
             src, dst = int(grid.source_levels[k]), int(grid.levels[k])
+            if src >= t_max:  # no pair of the batch inverts past here: the official loop has ended
+                break
             active = (src < t2).view(-1, 1, 1, 1)
             timesteps = torch.full((n,), src, dtype=torch.int64, device=x.device)
             eps = policy_pred(models, x, timesteps, cond).float()

@@ -4,7 +4,7 @@ tiny random pipeline that tests and the demo write and load through the same cod
 
 ``cond`` for a UNet is a flat dict whose tensors all have the batch as dim 0:
 ``{"encoder_hidden_states": (n, L, D)}`` for SD1.5, plus ``"text_embeds": (n, P)`` and ``"time_ids": (n, 6)``
-for SDXL. :func:`fastinpo.inversion.zero_uncond` zeros all but ``time_ids``, as Inversion-DPO's CFG needs.
+for SDXL. :func:`fastinpo.ops.inversion.zero_uncond` zeros all but ``time_ids``, as Inversion-DPO's CFG needs.
 """
 
 from __future__ import annotations
@@ -258,7 +258,7 @@ class Encoder:
         return torch.cat(hidden, -1).float(), pooled
 
     def encode_batch(self, raw, *, use_std: bool = True):
-        """A :class:`fastinpo.batch.RawBatch` -> :class:`fastinpo.batch.EncodedBatch`."""
+        """A :class:`fastinpo.data.batch.RawBatch` -> :class:`fastinpo.data.batch.EncodedBatch`."""
         from fastinpo.data.batch import EncodedBatch
 
         mean, std = self.encode_images(raw.pixels)

@@ -3,7 +3,7 @@
 This module is the single source of truth: the Triton kernels, the C++/CUDA extension, the benchmarks and the
 tests all compare against these functions, and nothing re-derives them. Each is written straight from the
 formula, accumulates in float32 whatever the input dtype (float64 inputs stay float64, so ``gradcheck`` works),
-and does no input validation — the public functions in :mod:`fastinpo.losses` and :mod:`fastinpo.inversion`
+and does no input validation — the public functions in :mod:`fastinpo.ops.losses` and :mod:`fastinpo.ops.inversion`
 validate, then dispatch here (backend ``"reference"``) or to a fast path.
 
 Conventions: paired tensors are ``(2B, ...)`` with winners first, then losers. ``ref_pred`` and ``target`` are
