@@ -132,7 +132,8 @@ def test_loss_type_is_validated():
         with pytest.raises(ValueError, match="loss_type must be one of 'sigmoid', 'hinge', 'ipo'"):
             fastinpo.diffusion_dpo_loss(x, x, x, 1.0, loss_type=bad)
         with pytest.raises(ValueError, match="loss_type"):
-            fastinpo.inversion_dpo_loss(x[None], x[None], torch.ones(1), 1.0, loss_type=bad)
+            fastinpo.inversion_dpo_loss(x[None, :, :, None, None], x[None, :, :, None, None], torch.ones(1), 1.0,
+                                        loss_type=bad)
         with pytest.raises(ValueError, match="loss_type"):
             fastinpo.DiffusionDPOLoss(1.0, loss_type=bad)
     with pytest.raises(ValueError, match="unknown loss_type"):

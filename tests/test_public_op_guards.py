@@ -66,3 +66,19 @@ def test_inversion_dpo_trajectory_refuses_mismatched_cond_uncond_and_guidance():
             fastinpo.inversion_dpo_trajectory(_model, z0, torch.randn(4, 7, 16), s, num_steps=4, guidance_scale=g)
     out = fastinpo.inversion_dpo_trajectory(_model, z0, torch.randn(4, 7, 16), s, num_steps=4)
     assert torch.isfinite(out.latents).all()
+
+
+@pytest.mark.parametrize("bad", [-1.0, 0.0, math.nan, math.inf])
+def test_inversion_dpo_loss_refuses_weights_that_are_not_positive(bad):
+    preds = torch.randn(3, 4, 4, 8, 8)
+    w = torch.tensor([1.0, bad, 2.0])
+    with pytest.raises(ValueError, match="weights must be finite and > 0"):
+        fastinpo.inversion_dpo_loss(preds, preds + 0.1, w, 2000.0)
+
+
+def test_inversion_dpo_loss_refuses_predictions_without_their_step_dimension():
+    x = torch.randn(4, 4, 8, 8)  # (2B, C, H, W): no N
+    with pytest.raises(ValueError, match=r"must be \(N, 2B, C, H, W\).*x\[None\]"):
+        fastinpo.inversion_dpo_loss(x, x + 0.1, torch.ones(4), 2000.0)
+    out = fastinpo.inversion_dpo_loss(x[None], x[None] + 0.1, torch.ones(1), 2000.0)
+    assert out.logits.shape == (2,)

@@ -29,7 +29,7 @@ from fastinpo.ops.inversion import (
     tile_cond,
     zero_uncond,
 )
-from fastinpo.ops.losses import inversion_dpo_loss
+from fastinpo.ops.losses import inversion_dpo_loss_grid_weights as inversion_dpo_loss
 
 
 class InversionDPO(Method):

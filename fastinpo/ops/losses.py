@@ -1,5 +1,5 @@
 """The public loss functions and modules: validate the inputs, then dispatch (one dispatch point,
-:mod:`fastinpo.dispatch`) to the reference (:mod:`fastinpo.reference`) or a fast path.
+:mod:`fastinpo.ops.dispatch`) to the reference (:mod:`fastinpo.ops.reference`) or a fast path.
 
 All paired tensors are ``(2B, ...)`` with winners first, then losers (Inversion-DPO: ``(N, 2B, ...)``). The losses
 are differentiable with respect to the policy's predictions only; ``ref_pred``/``ref_preds``, ``target`` and
@@ -21,7 +21,7 @@ from fastinpo.ops.outputs import DPOLossOutput
 dispatch.register("diffusion_dpo_loss", "reference", reference.diffusion_dpo_loss)
 dispatch.register("inversion_dpo_loss", "reference", reference.inversion_dpo_loss)
 
-#: the accepted ``loss_type`` values (SPEC §2; :func:`fastinpo.reference.preference_loss`)
+#: the accepted ``loss_type`` values (SPEC §2; :func:`fastinpo.ops.reference.preference_loss`)
 LOSS_TYPES = reference.LOSS_TYPES
 
 
@@ -122,10 +122,11 @@ def inversion_dpo_loss(
     (``loss_type="hinge"`` / ``"ipo"``: the same per-pair functions of the logits as :func:`diffusion_dpo_loss`).
 
     Args:
-        model_preds: ``(N, 2B, ...)`` policy ε (with CFG) at the N grid points, winners first along dim 1.
-        ref_preds: ``(N, 2B, ...)`` reference ε at the same points.
+        model_preds: ``(N, 2B, C, H, W)`` policy ε (with CFG) at the N grid points, winners first along dim 1.
+        ref_preds: ``(N, 2B, C, H, W)`` reference ε at the same points.
         weights: ``(N,)`` per-step weights ``w_i = 1 / (2 ᾱ_{t_i})`` (see :func:`fastinpo.inversion_dpo_grid`);
-            the loss applies the ``1/N`` itself.
+            the loss applies the ``1/N`` itself. Values must be finite and > 0 (checked: one small device sync on
+            CUDA; :func:`inversion_dpo_loss_grid_weights` skips it for weights from a validated grid).
         beta: temperature > 0 (official 2000).
         flip_sign: use the released code's sign.
         loss_type: ``"sigmoid"`` (default, the paper's), ``"hinge"`` or ``"ipo"``.
@@ -134,13 +135,39 @@ def inversion_dpo_loss(
     Returns:
         :class:`DPOLossOutput`; ``model_mse`` holds D ``(2B,)``, ``ref_mse`` zeros.
     """
+    _check_weights_shape(model_preds, ref_preds, weights)
+    # a value check reads the tensor (one small device sync on CUDA); training loops, whose weights come from a
+    # validated grid, call inversion_dpo_loss_grid_weights instead
+    bad = ~(torch.isfinite(weights) & (weights > 0))
+    if bool(bad.any()):
+        raise ValueError(f"weights must be finite and > 0 (w_i = 1 / (2 ᾱ_t_i), see inversion_dpo_grid), got values "
+                         f"such as {weights[bad][:4].tolist()}")
+    return inversion_dpo_loss_grid_weights(model_preds, ref_preds, weights, beta, flip_sign=flip_sign,
+                                           loss_type=loss_type, backend=backend)
+
+
+def _check_weights_shape(model_preds: torch.Tensor, ref_preds: torch.Tensor, weights: torch.Tensor) -> None:
     names = ("model_preds", "ref_preds")
+    checks.tensor("model_preds", model_preds)
+    if model_preds.dim() != 5:
+        # a (2B, C, H, W) tensor without its step dimension would be read as N = 2B steps of C samples
+        raise ValueError(f"model_preds must be (N, 2B, C, H, W): N trajectory steps of [winners; losers] latents, "
+                         f"got shape {tuple(model_preds.shape)} (one step: add the step dimension, x[None])")
     _check_paired_preds(names, (model_preds, ref_preds), batch_dim=1)
     checks.tensor("weights", weights)
     N = model_preds.shape[0]
     if N == 0:
         raise ValueError("model_preds must hold at least one step (N >= 1), got N = 0")
     checks.per_sample_vector("weights", weights, N, model_preds.device)
+
+
+def inversion_dpo_loss_grid_weights(model_preds: torch.Tensor, ref_preds: torch.Tensor, weights: torch.Tensor,
+                                    beta: float, *, flip_sign: bool = False, loss_type: str = "sigmoid",
+                                    backend: str | None = None) -> DPOLossOutput:
+    """:func:`inversion_dpo_loss` with ``weights`` taken from :func:`fastinpo.inversion_dpo_grid` (finite and > 0
+    because the schedule's ᾱ table was checked when it was built): the shapes are checked, the weights' values are
+    not read, so a training step on CUDA makes no host sync here."""
+    _check_weights_shape(model_preds, ref_preds, weights)
     if not isinstance(flip_sign, bool):
         raise TypeError(f"flip_sign must be a bool, got {type(flip_sign).__name__}")
     beta = checks.positive_float("beta", beta)
