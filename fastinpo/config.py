@@ -264,8 +264,9 @@ def local_path_problems(config: Config) -> list[str]:
         elif must_hold and not any((path / m).exists() for m in must_hold):
             problems.append(f"{key} = {value!r} is not {what} (it holds none of {', '.join(must_hold)})")
 
-    folder("model.path", config.model.path, ("unet/config.json", "model_index.json"),
-           "a diffusers pipeline folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
+    # (what a pipeline folder must hold is listed, part by part, by the model loader's own check)
+    folder("model.path", config.model.path, (), "a diffusers pipeline folder (unet/, vae/, text_encoder/, "
+           "tokenizer/, scheduler/)")
     folder("model.unet_init", config.model.unet_init, ("config.json",),
            "a diffusers UNet folder (config.json + weights), e.g. a fastinpo export/unet/")
     if config.data.path and not Path(config.data.path).expanduser().exists():
