@@ -237,6 +237,8 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
         train__max_steps=s.pretrain_steps, train__pairs_per_batch=s.pretrain_batch,
         train__output_dir=str(work / "pretrain"), train__seed=seed, train__log_every=50,
         train__checkpoint_every=0, train__keep_last=1, train__progress=progress)
+    if (work / "pretrain").exists():  # the demo's own scratch run of an earlier demo: the trainer would refuse it
+        shutil.rmtree(work / "pretrain")
     summary = train(config)
     return Path(summary["export"]) / "unet"
 
