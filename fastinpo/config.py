@@ -62,7 +62,7 @@ class DataConfig:
         "float16", "dtype the cache stores text embeddings in (latents are always float32)")
     latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
     cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
-    vae_slicing: bool = _f(True, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image)")
+    vae_slicing: bool = _f(False, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image; latents differ in the last bits from batched calls)")
     vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
 

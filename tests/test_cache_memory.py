@@ -40,12 +40,12 @@ def test_vae_calls_are_cache_batch_pairs_at_most_and_sliced(tiny_pipelines, tmp_
         return original(self, x, *args, **kwargs)
 
     monkeypatch.setattr(AutoencoderKL, "encode", spy)
-    assert _cache(tiny_pipelines, tmp_path, "data.cache_batch_pairs=2") == 0
+    assert _cache(tiny_pipelines, tmp_path, "data.cache_batch_pairs=2", "data.vae_slicing=true") == 0
     assert calls == [4, 4, 2] and all(slicing)  # 5 pairs: 2 + 2 + 1 pairs, 2 images each
     calls.clear()
     slicing.clear()
-    assert _cache(tiny_pipelines, tmp_path, "data.cache_batch_pairs=1", "data.vae_slicing=false", cache="c2") == 0
-    assert calls == [2] * 5 and not any(slicing)
+    assert _cache(tiny_pipelines, tmp_path, "data.cache_batch_pairs=1", cache="c2") == 0
+    assert calls == [2] * 5 and not any(slicing)  # slicing is off by default
 
 
 def test_no_std_stored_without_latent_sampling_and_a_sampling_run_refuses_it(tiny_pipelines, tmp_path, data):
