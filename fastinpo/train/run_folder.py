@@ -118,12 +118,12 @@ def start_report(config: Config, *, device, label: str, stream, pairs_per_step: 
             warnings.warn(
                 f"method.trajectory_cache_dir: this run sees {planned} pairs of {len(stream)}, so no pair is "
                 f"seen twice and every cache entry is written but never read (about "
-                f"{_trajectory_bytes(config, stream) * min(planned, len(stream)) / 2**30:.1f} GiB); leave it unset "
+                f"{_trajectory_bytes(config) * min(planned, len(stream)) / 2**30:.1f} GiB); leave it unset "
                 "unless the run is long enough to come back to its pairs", stacklevel=3)
     return lines
 
 
-def _trajectory_bytes(config: Config, stream) -> int:
+def _trajectory_bytes(config: Config) -> int:
     """Bytes of one pair's cached reference trajectory: N steps x 2 images x the latent, float32."""
     latent = 4 * (config.data.resolution // 8) ** 2
     return config.method.num_steps * 2 * latent * 4
