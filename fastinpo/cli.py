@@ -53,7 +53,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     from fastinpo.config import local_path_problems
     from fastinpo.data.cache import build_cache
     from fastinpo.data.pickapic import PickAPicDataset, describe_skipped
-    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.models.family import family_for_folder
     from fastinpo.train.engine import pick_device
     from fastinpo.train.models import DTYPES
 
@@ -67,9 +67,10 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
                               keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
                               seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
-    components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
-    encoder = Encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
-                      vae_tiling=d.vae_tiling)
+    family = family_for_folder(config.model.path)
+    components = family.load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
+    encoder = family.make_encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
+                                  vae_tiling=d.vae_tiling)
     # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
     manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
                            batch_size=d.cache_batch_pairs, store_std=d.latent_sample, overwrite=args.overwrite,
@@ -93,9 +94,14 @@ def _cmd_make_tiny(args: argparse.Namespace) -> int:
     if args.dtype != "float32" or args.device != "cpu" or args.overwrite:
         raise ValueError("--dtype, --device and --overwrite apply to --size full (the tiny pipeline is float32, "
                          "built on the CPU)")
-    from fastinpo.models.sd import make_tiny_pipeline
+    if args.arch == "sd3":
+        from fastinpo.models.sd3 import make_tiny_sd3_pipeline
 
-    out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution or 32)
+        out = make_tiny_sd3_pipeline(args.out, seed=args.seed, sample_size=args.resolution or 32)
+    else:
+        from fastinpo.models.sd import make_tiny_pipeline
+
+        out = make_tiny_pipeline(args.out, args.arch, seed=args.seed, sample_size=args.resolution or 32)
     print(f"tiny {args.arch} pipeline written to {out}")
     return 0
 
@@ -162,10 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
                            help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
 
-    p = sub.add_parser("make-tiny-pipeline", help="write a random SD1.5/SDXL pipeline (diffusers layout): tiny, "
+    p = sub.add_parser("make-tiny-pipeline", help="write a random SD1.5/SDXL/SD3 pipeline (diffusers layout): tiny, "
                        "or the real architectures with --size full")
     p.add_argument("out", help="output folder")
-    p.add_argument("--arch", choices=("sd15", "sdxl"), default="sdxl")
+    p.add_argument("--arch", choices=("sd15", "sdxl", "sd3"), default="sdxl",
+                   help="sd15, sdxl, or sd3 (an SD3.5-structured MM-DiT, flow matching, no T5; --size full: the "
+                        "SD3.5-medium configs)")
     p.add_argument("--size", choices=("tiny", "full"), default="tiny",
                    help="tiny (~0.3M-parameter UNet) or full (the real SD1.5 / SDXL configs: SDXL needs ~11 GiB in "
                         "float32, build it with --device cuda and --dtype bfloat16 where possible)")

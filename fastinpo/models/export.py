@@ -1,5 +1,6 @@
-"""Writing a trained SD1.5 / SDXL policy for a stock diffusers pipeline: ``unet/`` (full fine-tuning) or LoRA
-safetensors (``lora/``), written under a temporary name and renamed into place, so a crash never leaves half an
+"""Writing a trained policy for a stock diffusers pipeline: ``unet/`` (SD1.5 / SDXL) or ``transformer/`` (SD3)
+for full fine-tuning, or LoRA safetensors (``lora/``, the family pipeline's ``save_lora_weights`` format),
+written under a temporary name and renamed into place, so a crash never leaves half an
 export where a finished one is expected."""
 
 from __future__ import annotations
@@ -11,29 +12,30 @@ import torch
 
 
 def export_policy(out: Path, unet, *, lora: bool, arch: str, state: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write ``unet``'s trained weights to ``out``. ``state`` replaces the module's own weights when they are not
-    all in it (ZeRO-3 shards: a state dict gathered on one rank); LoRA: the adapter weights, full: the UNet."""
+    """Write ``unet``'s (the denoiser's: a UNet or an SD3 transformer) trained weights to ``out``. ``state``
+    replaces the module's own weights when they are not all in it (ZeRO-3 shards: a state dict gathered on one
+    rank); LoRA: the adapter weights, full: the denoiser in its pipeline subfolder."""
+    from fastinpo.models.family import family_for_arch
+
+    family = family_for_arch(arch)
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     if lora:
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
         layers = _fold_lora_scale(layers, unet)
-        pipe_cls = StableDiffusionXLPipeline if arch == "sdxl" else StableDiffusionPipeline
-        pipe_cls.save_lora_weights(tmp / "lora", unet_lora_layers=layers, safe_serialization=True)
+        key = "transformer_lora_layers" if family.name == "sd3" else "unet_lora_layers"
+        family.pipeline_class(arch).save_lora_weights(tmp / "lora", **{key: layers}, safe_serialization=True)
     elif state is None:
-        unet.save_pretrained(tmp / "unet", safe_serialization=True)
+        unet.save_pretrained(tmp / family.denoiser_folder, safe_serialization=True)
     else:
-        from diffusers import UNet2DConditionModel
-
-        full = UNet2DConditionModel.from_config(unet.config)
+        full = family.denoiser_class().from_config(unet.config)
         full.load_state_dict(state, strict=True)
-        full.save_pretrained(tmp / "unet", safe_serialization=True)
+        full.save_pretrained(tmp / family.denoiser_folder, safe_serialization=True)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

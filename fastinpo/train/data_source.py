@@ -83,7 +83,7 @@ class PairStream:
             what_to_do,
         )
         from fastinpo.data.pickapic import PickAPicDataset
-        from fastinpo.models.sd import encoder_signature
+        from fastinpo.models.family import encoder_signature
 
         d = config.data
         self.config, self.device, self.rank, self.world_size = config, device, rank, world_size

@@ -24,7 +24,7 @@ from fastinpo.config import Config, check_before_loading, save_config
 from fastinpo.data.batch import EncodedBatch
 from fastinpo.methods import build_method
 from fastinpo.methods.base import PairRandomness, StepInputs
-from fastinpo.ops.schedule import NoiseSchedule
+from fastinpo.models.family import FAMILIES, ModelFamily, family_for_folder
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train import run_folder
 from fastinpo.train.data_source import PairStream
@@ -44,9 +44,11 @@ def make_engine(config: Config) -> Engine:
     return PlainEngine(config)
 
 
-def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.device) -> StepInputs:
-    """z0 (a fresh posterior sample), caption dropout per pair, the UNet conditioning of [winners; losers]; all
-    randomness per pair, from its position in the data stream (see :class:`PairRandomness`)."""
+def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.device,
+                     family: ModelFamily | None = None) -> StepInputs:
+    """z0 (a fresh posterior sample), caption dropout per pair, the denoiser's conditioning of [winners; losers]
+    (``family.conditioning``; default: the UNet family's); all randomness per pair, from its position in the data
+    stream (see :class:`PairRandomness`)."""
     rng = PairRandomness.for_positions(config.train.seed, batch.positions.tolist(), device)
     z0 = batch.latent_mean
     if config.data.latent_sample and batch.latent_std is not None:
@@ -59,10 +61,9 @@ def make_step_inputs(batch: EncodedBatch, empty, config: Config, device: torch.d
         prompt = torch.where(drop.view(-1, 1, 1), empty.prompt_embeds.to(prompt.dtype), prompt)
         if pooled is not None:
             pooled = torch.where(drop.view(-1, 1), empty.pooled.to(pooled.dtype), pooled)
-    cond = {"encoder_hidden_states": prompt.repeat(2, 1, 1)}
-    if pooled is not None:
-        cond["text_embeds"] = pooled.repeat(2, 1)
-        cond["time_ids"] = batch.time_ids
+    family = family or FAMILIES["unet"]
+    cond = family.conditioning(prompt.repeat(2, 1, 1), None if pooled is None else pooled.repeat(2, 1),
+                               batch.time_ids)
     return StepInputs(z0.float(), cond, rng, batch.rows)
 
 
@@ -202,8 +203,6 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
            stop_after: int | None) -> dict:
     """Everything before the first step: the output folder, the resume point and its config check, the models,
     the data, the checkpoint's state; prints the start report. Returns what the loop needs."""
-    from fastinpo.models.sd import Encoder, load_components
-
     device = engine.device
     run_folder.claim_output_dir(out_dir, resume=resume, overwrite=overwrite, is_main=engine.is_main)
     engine.barrier()  # a run moved aside by rank 0 is gone for every rank
@@ -222,12 +221,13 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
         run_folder.check_resume_config(config, resume_from, out_dir)
 
     use_cache = bool(config.data.cache_dir)
-    components = load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
-                                 dtype=DTYPES[config.model.encoder_dtype])
-    schedule = NoiseSchedule.from_config(components.scheduler_config)
+    family = family_for_folder(config.model.path)
+    components = family.load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
+                                        dtype=DTYPES[config.model.encoder_dtype])
+    schedule = family.build_schedule(components.scheduler_config)
     method = build_method(config.method, schedule)
-    encoder = None if use_cache else Encoder(components, device, vae_slicing=config.data.vae_slicing,
-                                             vae_tiling=config.data.vae_tiling)
+    encoder = None if use_cache else family.make_encoder(components, device, vae_slicing=config.data.vae_slicing,
+                                                         vae_tiling=config.data.vae_tiling)
     stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
                         rank=engine.rank, world_size=engine.world_size)
     pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * engine.world_size
@@ -252,8 +252,9 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
         save_config(config, out_dir / "config.yaml")
         engine.write_settings(out_dir)
     last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
-    return {"components": components, "method": method, "stream": stream, "pairs_per_step": pairs_per_step,
-            "state": state, "start_step": start_step, "last_step": last_step, "removed": removed}
+    return {"components": components, "family": family, "method": method, "stream": stream,
+            "pairs_per_step": pairs_per_step, "state": state, "start_step": start_step,
+            "last_step": last_step, "removed": removed}
 
 
 def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
@@ -283,7 +284,7 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
             for _ in range(config.train.grad_accum):
                 batch = next(batches)
                 engine.begin_micro_batch(batch)
-                inputs = make_step_inputs(batch, stream.empty, config, device)
+                inputs = make_step_inputs(batch, stream.empty, config, device, run["family"])
                 out = method(inputs, models.callables, loss_scale=scale)
                 log.add(out.metrics)
                 engine.backward(out, scale)

@@ -13,15 +13,15 @@ import torch
 
 from fastinpo.config import Config, symmetry_breaking_problems
 from fastinpo.methods.base import Models
+from fastinpo.models.family import denoiser_forward, family_of_denoiser
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "no": None, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-def _unet_forward(unet, x, t, cond, dtype):
-    added = {k: cond[k].to(dtype) for k in ("text_embeds", "time_ids") if k in cond} or None
-    return unet(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
-                added_cond_kwargs=added, return_dict=False)[0]
+# the one denoiser forward of every family (UNet: ε; SD3 transformer: velocity), under the name the DeepSpeed
+# engine imports
+_unet_forward = denoiser_forward
 
 
 @dataclass
@@ -52,16 +52,16 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
     """The policy UNet before any reference copy or distribution: ``model.unet_init``, the float32 check, the
     attention kernel, LoRA adapters (frozen base) or full ``requires_grad``. Returns ``(unet, lora)``. ``move``
     puts it on ``device``; DeepSpeed leaves it on the CPU so that ZeRO-3 moves and shards it one parameter at a
-    time instead of materialising a full copy on every GPU first."""
-    from diffusers import UNet2DConditionModel
-
+    time instead of materialising a full copy on every GPU first. The denoiser is a UNet or an SD3 transformer
+    (its family gives the class ``model.unet_init`` loads and the LoRA targets)."""
+    family = family_of_denoiser(unet)
     problems = symmetry_breaking_problems(config)  # train() checks it before anything loads; also here, at its use
     if problems:
         raise ValueError(problems[0])
     if config.model.unet_init:
-        unet = UNet2DConditionModel.from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
+        unet = family.denoiser_class().from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
     if next(unet.parameters()).dtype != torch.float32:
-        raise ValueError("the policy UNet must be loaded in float32 (mixed precision is train.mixed_precision)")
+        raise ValueError("the policy denoiser must be loaded in float32 (mixed precision is train.mixed_precision)")
     if move:
         unet = unet.to(device)
     if config.model.attention == "xformers":
@@ -79,7 +79,8 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(config.train.seed)
             unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha or config.lora.rank,
-                                        init_lora_weights=True, target_modules=list(config.lora.target_modules)))
+                                        init_lora_weights=True,
+                                        target_modules=family.lora_targets(config.lora.target_modules, unet)))
         if config.lora.init == "gaussian":
             # peft's own "gaussian" init still zeroes B (a zero update); SPEC §4's symmetry breaking needs a
             # non-zero adapter product, so B gets small random values too, from the run's seed.
