@@ -8,17 +8,19 @@ Public API (stable; all paired tensors are ``(2B, ...)``, winners first):
 - schedule: :class:`NoiseSchedule`, :func:`inpo_grid`, :func:`inversion_dpo_grid`, :func:`inpo_noise_sigma`;
 - flow models (SPEC §7): :class:`FlowSchedule`, :func:`sample_flow_sigmas`, :func:`flow_density`,
   :func:`flow_noise`, :func:`flow_target`, :func:`flow_inpo_levels`, :func:`flow_inpo_target`,
-  :func:`flow_euler_step` (InPO for flows: fastinpo's extension).
+  :func:`flow_euler_step`, :func:`flow_inpo_invert` (InPO for flows: fastinpo's extension).
 
 Importing fastinpo needs neither a GPU, nor Triton, nor the compiled extension.
 """
 
 from fastinpo.ops.flow import (
+    FlowInPOInversion,
     FlowInPOLevels,
     FlowSchedule,
     FlowTimesteps,
     flow_density,
     flow_euler_step,
+    flow_inpo_invert,
     flow_inpo_levels,
     flow_inpo_target,
     flow_noise,
@@ -55,6 +57,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DPOLossOutput",
     "DiffusionDPOLoss",
+    "FlowInPOInversion",
     "FlowInPOLevels",
     "FlowSchedule",
     "FlowTimesteps",
@@ -69,6 +72,7 @@ __all__ = [
     "diffusion_dpo_loss",
     "flow_density",
     "flow_euler_step",
+    "flow_inpo_invert",
     "flow_inpo_levels",
     "flow_inpo_target",
     "flow_noise",

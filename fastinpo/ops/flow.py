@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from fastinpo.ops import checks, dispatch, reference
+from fastinpo.ops.inversion import select_cond, slice_cond
 from fastinpo.ops.schedule import _load_config
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -358,3 +359,127 @@ def flow_euler_step(
     _check_euler_inputs(x, v, d_sigma)
     _, fn = dispatch.resolve("flow_euler_step", backend, (x, v, d_sigma))
     return fn(x, v, d_sigma)
+
+
+# ----------------------------------------------------------------------------------------------- InPO for flows
+@dataclass
+class FlowInPOInversion:
+    """Result of :func:`flow_inpo_invert`.
+
+    Attributes:
+        latents: ``(2B, ...)`` the inverted latents ``x̃`` at each pair's ``σ_t`` (float32; float64 for float64
+            ``z0``), caller's order.
+        target: ``(2B, ...)`` the target velocity ``v* = ε* - z0`` with ``ε* = (x̃ - (1 - σ_t) z0) / σ_t``, same dtype.
+        num_steps: ``(B,)`` int64, Euler steps (= policy calls) each pair took, in ``[1, K]``.
+        num_model_calls: model calls made (= the largest ``num_steps``).
+        samples_per_call: how many samples each call saw (``2 × active pairs``).
+    """
+
+    latents: torch.Tensor
+    target: torch.Tensor
+    num_steps: torch.Tensor
+    num_model_calls: int
+    samples_per_call: list[int]
+
+
+def _call_velocity_model(model: Model, x: torch.Tensor, timestep: float, cond: Any, model_dtype,
+                         out_dtype) -> torch.Tensor:
+    """One model call at one timestep ``σ * T`` for every sample (a float32 ``(n,)`` tensor), output read as
+    ``out_dtype``."""
+    t = torch.full((x.shape[0],), timestep, dtype=torch.float32, device=x.device)
+    v = model(x if model_dtype is None else x.to(model_dtype), t, cond)
+    if not isinstance(v, torch.Tensor) or v.shape != x.shape:
+        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+        raise ValueError(f"the model must return a velocity shaped like its input {tuple(x.shape)}, got {got}")
+    return v.to(out_dtype)
+
+
+def flow_inpo_invert(
+    model: Model,
+    z0: torch.Tensor,
+    sigma_t: torch.Tensor,
+    cond: Any,
+    levels: FlowInPOLevels,
+    *,
+    model_dtype: torch.dtype | None = None,
+    backend: str | None = None,
+) -> FlowInPOInversion:
+    """InPO-for-flows policy inversion of a batch of pairs, each up to its own ``σ_t`` (SPEC §7; fastinpo's own
+    extension of DDIM-InPO, no paper reports it).
+
+    The Euler inversion of the policy's ODE ``dx/dσ = v_θ(x, σT, c)``: start at ``x = z0`` (float32); for
+    ``k = 0, 1, …`` the pairs with ``g_k < σ_t`` are active: one model call on exactly those samples (winners and
+    losers of the active pairs) at timestep ``g_k T`` (the first call at 0) gives ``v``, then
+    ``x = x + (min(g_{k+1}, σ_t) - g_k) v`` — the last step of each pair is clipped so that ``x̃`` sits exactly at
+    its ``σ_t``. Deterministic. Pairs are laid out in order of decreasing step count, winner and loser side by side,
+    so the active samples at every step are a prefix of the batch and each model call gets a view of it (the layout
+    of :func:`fastinpo.ops.inversion.inpo_invert`); results come back in the caller's order.
+
+    Args:
+        model: the **policy**, ``model(x, timestep, cond) -> v`` (``timestep`` a float32 ``(n,)`` of ``σ T``),
+            called under ``torch.no_grad``.
+        z0: ``(2B, ...)`` clean latents, winners first.
+        sigma_t: ``(B,)`` floating, each pair's sampled training σ in (0, 1] (e.g.
+            :attr:`FlowTimesteps.sigmas`); on the CPU (no device sync to plan the batch sizes) or on ``z0``'s device.
+        cond: conditioning pytree with ``2B`` rows (same as training, no CFG).
+        levels: the :class:`FlowInPOLevels` of the model's schedule (:func:`flow_inpo_levels`).
+        model_dtype: dtype the model input is cast to (the state itself stays float32).
+        backend: backend of the Euler step (see :func:`flow_euler_step`).
+
+    Returns:
+        :class:`FlowInPOInversion`. Costs one host sync (the step counts) when ``sigma_t`` is on an accelerator.
+    """
+    checks.tensor("z0", z0)
+    B = checks.paired("z0", z0)
+    checks.tensor("sigma_t", sigma_t)
+    if tuple(sigma_t.shape) != (B,):
+        raise ValueError(f"sigma_t must have shape ({B},) (one σ per pair), got {tuple(sigma_t.shape)}")
+    if sigma_t.device != z0.device and sigma_t.device.type != "cpu":
+        raise ValueError(f"sigma_t must be on the CPU or on {z0.device} like z0, got {sigma_t.device}")
+    if not isinstance(levels, FlowInPOLevels):
+        raise TypeError(f"levels must be a FlowInPOLevels (flow_inpo_levels(schedule, K)), got {type(levels).__name__}")
+    checks.cond_rows("cond", cond, 2 * B)
+    acc = reference.accumulation_dtype(z0.dtype)
+    # σ_t as the state's precision; the one host sync: step counts decide the batch size of every model call
+    sig_host = sigma_t.detach().to(device="cpu", dtype=acc)
+    bad = ~(torch.isfinite(sig_host) & (sig_host > 0) & (sig_host <= 1))
+    if bool(bad.any()):
+        raise ValueError(f"sigma_t must lie in (0, 1], got values such as {sig_host[bad][:4].tolist()}")
+    g = levels.sigmas.to(acc)
+    g_host = g.tolist()
+    K = levels.num_levels
+    counts = [sum(1 for k in range(K) if g_host[k] < s) for s in sig_host.tolist()]
+
+    # Prefix layout: pairs sorted by decreasing step count (stable), each pair's winner and loser side by side,
+    # so the samples active at step k are the first 2 * n_k rows — a view, no gather, for every model call.
+    order = sorted(range(B), key=lambda i: -counts[i])
+    perm = [row for p in order for row in (p, p + B)]
+    _, step_fn = dispatch.resolve("flow_euler_step", backend, (z0,))
+
+    device = z0.device
+    perm_index = torch.tensor(perm, dtype=torch.int64, device=device)
+    x = z0.detach().to(acc).index_select(0, perm_index)  # a fresh float32 copy in prefix layout
+    sig_perm = per_sample(sig_host).index_select(0, perm_index.cpu()).to(device)
+    cond_perm = select_cond(cond, perm_index)
+    g_dev = g.to(device)
+    timesteps = levels.timesteps.tolist()
+    samples_per_call: list[int] = []
+    with torch.no_grad():
+        for k in range(max(counts)):
+            n = 2 * sum(1 for c in counts if c > k)
+            x_in = x[:n]
+            v = _call_velocity_model(model, x_in, timesteps[k], slice_cond(cond_perm, n), model_dtype, acc)
+            # Δσ = min(g_{k+1}, σ_t) - g_k per sample: the last step of a pair lands exactly on its σ_t
+            d_sigma = torch.minimum(sig_perm[:n], g_dev[k + 1]) - g_dev[k]
+            x[:n] = step_fn(x_in, v, d_sigma)
+            samples_per_call.append(n)
+
+    latents = torch.empty_like(x).index_copy_(0, perm_index, x)  # back to the caller's order
+    sig_samples = per_sample(sig_host).to(device)
+    return FlowInPOInversion(
+        latents=latents,
+        target=flow_inpo_target(latents, z0.detach().to(acc), sig_samples),
+        num_steps=torch.tensor(counts, dtype=torch.int64, device=device),
+        num_model_calls=len(samples_per_call),
+        samples_per_call=samples_per_call,
+    )
