@@ -40,7 +40,7 @@ def _signature(fn, pointers: dict, scalars: dict, constexprs: dict) -> dict:
 
 def jobs():
     """``(label, fn, signature, constexprs)`` for every kernel variant the launchers can produce."""
-    from fastinpo.kernels import ddim_step, dpo_loss, inversion_dpo
+    from fastinpo.kernels import ddim_step, dpo_loss, flow_step, inversion_dpo
 
     out = []
     # partial sums: policy/ref/target dtypes; InPO target inputs; Inversion-DPO (no ref)
@@ -95,6 +95,12 @@ def jobs():
                 label = (f"ddim_step[x={xd},eps={ed},gather={int(gather)},cfg={int(cfg)},active={int(act)},"
                          f"noise={int(noise)},in_place={int(inplace)}]")
                 out.append((label, ddim_step._ddim_step_kernel, ptr, step_scalars, ce))
+    flow_scalars = {"n": "i32", "x_stride": "i64", "v_stride": "i64", "out_stride": "i64"}
+    for xd in _DT:
+        for vd in sorted({xd, "fp32"}):  # the inversion passes float32 velocities with a float32 state
+            ptr = {"x_ptr": xd, "v_ptr": vd, "out_ptr": xd, "d_ptr": "fp32"}
+            out.append((f"flow_euler_step[x={xd},v={vd}]", flow_step._flow_euler_step_kernel, ptr, flow_scalars,
+                        {"BLOCK": 1024}))
     return [(label, fn, _signature(fn, ptr, sc, ce), ce) for label, fn, ptr, sc, ce in out]
 
 

@@ -68,11 +68,18 @@ def _ddim_inversion_step(x, eps, alpha_from, alpha_to):
     return ddim_step.ddim_inversion_step(x, eps, alpha_from, alpha_to)
 
 
+def _flow_euler_step(x, v, d_sigma):
+    from fastinpo.kernels import flow_step
+
+    return flow_step.flow_euler_step(x, v, d_sigma)
+
+
 def register() -> None:
     """Register the ``"triton"`` backend of every op that has a kernel."""
     for op, fn in (
         ("diffusion_dpo_loss", _diffusion_dpo_loss),
         ("inversion_dpo_loss", _inversion_dpo_loss),
         ("ddim_inversion_step", _ddim_inversion_step),
+        ("flow_euler_step", _flow_euler_step),
     ):
         dispatch.register(op, "triton", fn, can_run, auto=True, auto_can_run=auto_can_run)

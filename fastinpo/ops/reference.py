@@ -1,4 +1,4 @@
-"""The plain-PyTorch reference of every accelerated op (SPEC.md §2–5).
+"""The plain-PyTorch reference of every accelerated op (SPEC.md §2–5 and §7).
 
 This module is the single source of truth: the Triton kernels, the C++/CUDA extension, the benchmarks and the
 tests all compare against these functions, and nothing re-derives them. Each is written straight from the
@@ -201,3 +201,21 @@ def cfg_combine(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale
     acc = accumulation_dtype(eps_uncond.dtype, eps_cond.dtype)
     u = eps_uncond.to(acc)
     return u + guidance_scale * (eps_cond.to(acc) - u)
+
+
+def flow_euler_step(x: torch.Tensor, v: torch.Tensor, d_sigma: torch.Tensor) -> torch.Tensor:
+    """One Euler step of a rectified-flow ODE ``dx/dσ = v`` (SPEC §7): ``x_next = x + Δσ * v``, float32 math.
+
+    The InPO-for-flows inversion steps from ``g_k`` to ``min(g_{k+1}, σ_t)`` (``Δσ > 0``); a sampler steps down
+    (``Δσ < 0``).
+
+    Args:
+        x, v: ``(n, ...)`` state and the model's velocity at the source level.
+        d_sigma: ``(n,)`` per-sample ``Δσ``.
+
+    Returns:
+        ``x_next`` ``(n, ...)`` in ``x``'s dtype.
+    """
+    acc = accumulation_dtype(x.dtype, v.dtype, d_sigma.dtype)
+    d = d_sigma.to(acc).view(-1, *([1] * (x.dim() - 1)))
+    return (x.to(acc) + d * v.to(acc)).to(x.dtype)

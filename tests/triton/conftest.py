@@ -24,7 +24,8 @@ import torch  # noqa: E402
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # tests of this tier that run no kernel on CPU (they need neither the interpreter nor a GPU)
 NO_KERNEL_TESTS = ("test_aot", "test_import", "test_registry")
-KERNEL_MODULES = ("fastinpo.kernels.dpo_loss", "fastinpo.kernels.inversion_dpo", "fastinpo.kernels.ddim_step")
+KERNEL_MODULES = ("fastinpo.kernels.dpo_loss", "fastinpo.kernels.inversion_dpo", "fastinpo.kernels.ddim_step",
+                  "fastinpo.kernels.flow_step")
 
 
 def pytest_collection_modifyitems(config, items):
