@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclass
 class MethodConfig:
-    name: Method = _f("inpo", "objective: sft, diffusion-dpo, inpo (DDIM-InPO) or inversion-dpo")
+    name: Method = _f("inpo", "objective: sft, diffusion-dpo (Flow-DPO on SD3), inpo (DDIM-InPO; on SD3 the Euler-inversion InPO-for-flows, fastinpo's own extension) or inversion-dpo (UNet models only)")
     beta: float = _f(5000.0, "DPO temperature (SPEC: with the factor 0.5; DPO 5000, InPO 2000 SD1.5 / 5000 SDXL)")
     inversion_levels: int = _f(10, "InPO: K, levels of the DDIM inversion grid")
     eta: float = _f(0.1, "InPO: noise scale of the inversion (0 = deterministic)")
@@ -85,6 +85,11 @@ class MethodConfig:
     symmetry_breaking: Literal["none", "lora-init", "reference-dtype"] = _f(
         "none", "Inversion-DPO: how the policy leaves θ = θ_ref (SPEC §4); 'none' refuses a run that cannot move")
     loss_backend: str | None = _f(None, "backend of the loss and inversion ops (default: the dispatcher's choice)")
+    timestep_density: Literal["logit_normal", "uniform", "mode"] = _f(
+        "logit_normal", "flow models (SD3): density of the training σ (diffusers' compute_density_for_timestep_sampling)")
+    logit_mean: float = _f(0.0, "flow models, logit_normal density: mean")
+    logit_std: float = _f(1.0, "flow models, logit_normal density: std")
+    mode_scale: float = _f(1.29, "flow models, mode density: mode_scale")
 
 
 @dataclass
@@ -275,10 +280,42 @@ def local_path_problems(config: Config) -> list[str]:
     return problems
 
 
+def is_flow_model_folder(path: str | Path) -> bool:
+    """A local SD3/SD3.5 (rectified-flow) pipeline folder: ``model_index.json`` names a ``StableDiffusion3*``
+    pipeline, or there is ``transformer/`` and no ``unet/`` (read from the folder, no weights)."""
+    folder = Path(path)
+    index = folder / "model_index.json"
+    if index.is_file():
+        try:
+            name = str(json.loads(index.read_text()).get("_class_name", ""))
+        except ValueError:
+            name = ""
+        if name:
+            return name.startswith("StableDiffusion3")
+    return (folder / "transformer").is_dir() and not (folder / "unet").is_dir()
+
+
+def flow_model_problems(config: Config) -> list[str]:
+    """What a flow model (SD3) cannot run: Inversion-DPO (its per-step weights come from the DDPM ELBO; SPEC §7
+    defines no flow version), and options written for the ε-prediction UNet path."""
+    if not config.model.path or not is_flow_model_folder(config.model.path):
+        return []
+    problems = []
+    if config.method.name == "inversion-dpo":
+        problems.append(f"method.name = 'inversion-dpo' is not defined for flow-matching models ({config.model.path} "
+                        "is an SD3 pipeline): its per-step weights come from the DDPM ELBO (SPEC §7). Use sft, "
+                        "diffusion-dpo (Flow-DPO) or inpo (InPO for flows, fastinpo's own extension)")
+    if config.method.name == "inpo" and config.method.eta != 0.1 and config.method.eta != 0:
+        problems.append(f"method.eta = {config.method.eta}: the InPO-for-flows Euler inversion is deterministic "
+                        "(SPEC §7); leave eta at its default")
+    return problems
+
+
 def check_before_loading(config: Config) -> None:
     """Everything the config alone can reveal, reported together before the first weight loads (an SDXL UNet takes
-    ~20 s and 11 GiB to load on a CPU): the local paths and the Inversion-DPO symmetry-breaking choice."""
-    problems = local_path_problems(config) + symmetry_breaking_problems(config)
+    ~20 s and 11 GiB to load on a CPU): the local paths, the Inversion-DPO symmetry-breaking choice and what a flow
+    model (SD3) cannot run."""
+    problems = local_path_problems(config) + symmetry_breaking_problems(config) + flow_model_problems(config)
     if problems:
         raise ValueError("the run cannot start:\n  " + "\n  ".join(problems))
 

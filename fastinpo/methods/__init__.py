@@ -12,7 +12,14 @@ METHODS: dict[str, type[Method]] = {m.name: m for m in (SFT, DiffusionDPO, InPO,
 
 
 def build_method(config, schedule) -> Method:
-    """The method named by ``config.name`` (a :class:`fastinpo.config.MethodConfig`)."""
+    """The method named by ``config.name`` (a :class:`fastinpo.config.MethodConfig`) for the schedule's model
+    family: a :class:`fastinpo.ops.flow.FlowSchedule` (SD3) gets the flow methods (:mod:`fastinpo.methods.flow`)."""
+    from fastinpo.ops.flow import FlowSchedule
+
+    if isinstance(schedule, FlowSchedule):
+        from fastinpo.methods.flow import build_flow_method
+
+        return build_flow_method(config, schedule)
     if config.name not in METHODS:
         raise ValueError(f"unknown method {config.name!r}; choose one of {', '.join(METHODS)}")
     return METHODS[config.name](config, schedule)

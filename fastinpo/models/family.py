@@ -20,12 +20,12 @@ A family owns:
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
+from fastinpo.config import is_flow_model_folder
 from fastinpo.models import sd
 
 #: cond keys of the SD3 transformer (the UNet's are ``encoder_hidden_states`` and SDXL's ``text_embeds``,
@@ -181,18 +181,7 @@ ARCH_FAMILY = {"sd15": "unet", "sdxl": "unet", "sd3": "sd3"}
 def is_sd3_folder(folder: str | Path) -> bool:
     """An SD3/SD3.5 pipeline folder: ``model_index.json`` names a ``StableDiffusion3*`` pipeline, or the folder has
     ``transformer/`` and no ``unet/``."""
-    folder = Path(folder)
-    index = folder / "model_index.json"
-    if index.is_file():
-        try:
-            name = str(json.loads(index.read_text()).get("_class_name", ""))
-        except ValueError:
-            name = ""
-        if name.startswith("StableDiffusion3"):
-            return True
-        if name:
-            return False
-    return (folder / "transformer").is_dir() and not (folder / "unet").is_dir()
+    return is_flow_model_folder(folder)
 
 
 def family_for_folder(folder: str | Path) -> ModelFamily:
