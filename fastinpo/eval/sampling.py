@@ -104,9 +104,12 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
     """
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from fastinpo.models.sd import detect_arch
+    from fastinpo.models.family import detect_arch, is_sd3_folder
 
     folder = Path(model_folder)
+    if is_sd3_folder(folder):
+        return _build_sd3_pipeline(folder, transformer=unet, lora=lora, scheduler=scheduler, dtype=dtype,
+                                   device=device)
     arch = detect_arch(folder)
     sched_cls = _scheduler_class(scheduler)
     kwargs: dict[str, Any] = {}
@@ -141,8 +144,52 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
     return pipe
 
 
+def _build_sd3_pipeline(folder: Path, *, transformer: Any, lora, scheduler: str, dtype: torch.dtype,
+                        device: str | torch.device):
+    """A stock ``StableDiffusion3Pipeline`` (T5 optional: ``text_encoder_3=None`` when the folder has none).
+
+    ``transformer``: a transformer folder (or a folder with ``transformer/``, fastinpo's export) or an
+    ``SD3Transformer2DModel``; ``lora``: ``pytorch_lora_weights.safetensors`` (or its folder). A flow model has one
+    sampler, its own ``FlowMatchEulerDiscreteScheduler`` (``scheduler`` ``default``, ``euler`` or ``ddim`` — the
+    CLI's default — all mean it; ``dpm`` is refused); what ran is in the settings' ``scheduler_class``."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    from fastinpo.models.sd3 import detect_sd3, has_t5
+
+    detect_sd3(folder)
+    if scheduler not in ("default", "euler", "ddim"):
+        raise ValueError(f"scheduler {scheduler!r}: an SD3 (flow) model samples with its own "
+                         "FlowMatchEulerDiscreteScheduler; use --scheduler default")
+    kwargs: dict[str, Any] = {} if has_t5(folder) else {"text_encoder_3": None, "tokenizer_3": None}
+    if transformer is not None:
+        if isinstance(transformer, (str, Path)):
+            path = Path(transformer)
+            sub = next((c for c in (path, path / "transformer") if (c / "config.json").is_file()), None)
+            if sub is None:
+                raise FileNotFoundError(f"{path} is not a diffusers SD3 transformer folder: expected "
+                                        f"{path}/config.json or {path}/transformer/config.json (fastinpo's export)")
+            transformer = SD3Transformer2DModel.from_pretrained(sub, torch_dtype=dtype)
+        kwargs["transformer"] = transformer
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs)
+    if lora is not None:
+        lora = Path(lora)
+        lora_file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+        if not lora_file.is_file():
+            raise FileNotFoundError(f"LoRA {lora}: expected a folder with pytorch_lora_weights.safetensors "
+                                    "(fastinpo's export/lora/) or the .safetensors file itself")
+        pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
+    pipe = pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def denoiser_of(pipe):
+    """The pipeline's denoiser: ``pipe.unet`` (SD1.5/SDXL) or ``pipe.transformer`` (SD3)."""
+    return pipe.transformer if getattr(pipe, "unet", None) is None else pipe.unet
+
+
 def default_resolution(pipe) -> int:
-    return int(pipe.unet.config.sample_size) * int(pipe.vae_scale_factor)
+    return int(denoiser_of(pipe).config.sample_size) * int(pipe.vae_scale_factor)
 
 
 def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torch.Tensor:
@@ -152,7 +199,7 @@ def initial_latents(pipe, seeds: Sequence[int], height: int, width: int) -> torc
     f = int(pipe.vae_scale_factor)
     if height % f or width % f:
         raise ValueError(f"height and width must be multiples of {f} (the VAE's downsampling), got {height}x{width}")
-    shape = (1, int(pipe.unet.config.in_channels), height // f, width // f)
+    shape = (1, int(denoiser_of(pipe).config.in_channels), height // f, width // f)
     return torch.cat([torch.randn(shape, generator=torch.Generator("cpu").manual_seed(int(s)), dtype=torch.float32)
                       for s in seeds])
 
@@ -170,7 +217,7 @@ def iter_generate(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: 
         raise ValueError(f"batch_size and steps must be >= 1, got {batch_size} and {steps}")
     height = height or default_resolution(pipe)
     width = width or default_resolution(pipe)
-    device, dtype = pipe.unet.device, pipe.unet.dtype
+    device, dtype = denoiser_of(pipe).device, denoiser_of(pipe).dtype
     with tqdm(total=len(prompts), desc="sampling", unit="img", disable=not progress) as bar:
         for start in range(0, len(prompts), batch_size):
             p = list(prompts[start:start + batch_size])
@@ -346,7 +393,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                                                     "Pick-a-Pic .parquet (or folder)")
     p.add_argument("--prompt-format", default="auto", choices=("auto", "pickapic", "parti", "hpdv2", "text"))
     p.add_argument("--out", required=True, help="output folder (images, metadata.jsonl, contact_sheet.png)")
-    p.add_argument("--unet", default=None, help="fastinpo export/unet/ (or any diffusers UNet folder) to use")
+    p.add_argument("--unet", default=None, help="fastinpo export/unet/ (or any diffusers UNet folder) to use; an "
+                   "SD3 model: export/ or export/transformer/")
     p.add_argument("--lora", default=None, help="fastinpo export/lora/ folder (pytorch_lora_weights.safetensors)")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds, each used for every prompt")
     p.add_argument("--num-seeds", type=int, default=None, help="seeds offset..offset+N-1 (default: 1 seed)")

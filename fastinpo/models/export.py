@@ -26,7 +26,9 @@ def export_policy(out: Path, unet, *, lora: bool, arch: str, state: dict[str, to
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+        layers = get_peft_model_state_dict(unet, state_dict=state)
+        if family.name != "sd3":  # SD3's loader reads peft's own names (lora_A/lora_B); the UNet's, diffusers'
+            layers = convert_state_dict_to_diffusers(layers)
         layers = _fold_lora_scale(layers, unet)
         key = "transformer_lora_layers" if family.name == "sd3" else "unet_lora_layers"
         family.pipeline_class(arch).save_lora_weights(tmp / "lora", **{key: layers}, safe_serialization=True)
