@@ -82,6 +82,15 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
+    if args.size == "full" and args.arch == "sd3":  # SD3.5-medium, random weights, no T5
+        import torch
+
+        from fastinpo.models.full_size import make_full_sd3_pipeline
+
+        out = make_full_sd3_pipeline(args.out, dtype=getattr(torch, args.dtype), resolution=args.resolution or 1024,
+                                     seed=args.seed, device=args.device, overwrite=args.overwrite)
+        print(f"real-size SD3.5-medium pipeline (random weights, {args.dtype}, no T5) written to {out}")
+        return 0
     if args.size == "full":  # the real SD1.5 / SDXL architectures, random weights
         import torch
 

@@ -241,7 +241,14 @@ def test_flow_training_from_a_cache(sd3_pipeline, pickapic_dir, tmp_path):
               "data.resolution=32", "--set", f"data.cache_dir={cache}"]
     assert main(["cache", *common]) == 0
     manifest = json.loads((cache / "manifest.json").read_text())
-    assert manifest["signature"]["arch"] == "sd3" if "signature" in manifest else True
+    assert manifest["signature"]["arch"] == "sd3"
+    from safetensors import safe_open
+
+    with safe_open(str(cache / manifest["shards"][0]["file"]), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.get_slice("prompt_embeds").get_shape()[1:] == [333, 64]
+        assert f.get_slice("pooled_embeds").get_shape()[1:] == [64]
+    assert "time_ids" not in keys
     a = train(_config(sd3_pipeline, pickapic_dir, tmp_path / "a", "diffusion-dpo", "data.caption_dropout=0",
                       "train.max_steps=1"))
     b = train(_config(sd3_pipeline, pickapic_dir, tmp_path / "b", "diffusion-dpo", "data.caption_dropout=0",
@@ -249,3 +256,17 @@ def test_flow_training_from_a_cache(sd3_pipeline, pickapic_dir, tmp_path):
     assert a["pairs"] == b["pairs"] > 0
     la, lb = _metrics(tmp_path / "a")[0], _metrics(tmp_path / "b")[0]
     assert la["model_mse"] == pytest.approx(lb["model_mse"], rel=1e-3)  # embeds stored in float16 by default
+
+
+def test_sd35_medium_config_counts_without_allocating():
+    """The real-size maker's SD3.5-medium transformer, built on the meta device (no memory). The count pins this
+    config (2.243 B; the public checkpoint was not available offline to compare: the fields are those of its
+    transformer/config.json as written in fastinpo.models.full_size)."""
+    from fastinpo.models import full_size
+
+    t = full_size.build_sd3_transformer(device="meta")
+    assert next(t.parameters()).is_meta
+    assert full_size.parameter_count(t) == 2_243_171_520
+    assert t.config.joint_attention_dim == 4096 and t.config.pooled_projection_dim == 2048
+    with pytest.raises(ValueError, match="meta"):
+        full_size.make_full_sd3_pipeline("/nonexistent/x", device="meta")

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from fastinpo.methods.base import Method, MethodOutput, Models, StepInputs, dpo_metrics
+from fastinpo.methods.base import Method, MethodOutput, Models, PairRandomness, StepInputs, dpo_metrics
 from fastinpo.ops.flow import (
     FlowSchedule,
     FlowTimesteps,
@@ -40,10 +40,14 @@ class FlowMethod(Method):
     def sample_sigmas(self, inputs: StepInputs) -> FlowTimesteps:
         """One σ per pair from its own host stream (so it does not depend on batch size, accumulation or ranks);
         ``(B,)`` fields on the host."""
+        return self.sigmas_for(inputs.rng)
+
+    def sigmas_for(self, rng: PairRandomness) -> FlowTimesteps:
+        """:meth:`sample_sigmas` from the pairs' random streams alone."""
         c = self.config
         draws = [sample_flow_sigmas(self.schedule, 1, weighting_scheme=c.timestep_density, logit_mean=c.logit_mean,
                                     logit_std=c.logit_std, mode_scale=c.mode_scale, generator=g)
-                 for g in inputs.rng.host]
+                 for g in rng.host]
         return FlowTimesteps(*(torch.cat([getattr(d, f) for d in draws]) for f in ("u", "indices", "sigmas",
                                                                                     "timesteps")))
 
@@ -99,6 +103,10 @@ class FlowInPO(FlowMethod):
     def __init__(self, config, schedule: FlowSchedule):
         super().__init__(config, schedule)
         self.levels = flow_inpo_levels(schedule, config.inversion_levels)
+
+    def inversion_calls(self, rng: PairRandomness) -> torch.Tensor:
+        """``(B,)`` policy calls each pair's inversion will make (what ZeRO-3's lockstep pads to)."""
+        return self.levels.num_steps(self.sigmas_for(rng).sigmas)
 
     def __call__(self, inputs: StepInputs, models: Models, loss_scale: float = 1.0) -> MethodOutput:
         ts = self.sample_sigmas(inputs)  # on the host: the inversion plans its batch sizes without a sync

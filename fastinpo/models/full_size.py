@@ -184,3 +184,78 @@ def _write_model_index(out: Path, arch: str, scheduler: str) -> None:
 
 def parameter_count(module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# ----------------------------------------------------------------------------------------------- SD3.5-medium
+# The architecture fields of stabilityai/stable-diffusion-3.5-medium's `transformer/config.json` (MM-DiT-X: 24
+# joint blocks of width 24 x 64, dual attention in the first 13, RMS q/k norm) and `vae/config.json` (16 latent
+# channels, SD3's scale and shift); its text encoders are CLIP-L and CLIP-G with projection (T5-XXL is optional
+# and not written: a T5-less folder is what StableDiffusion3Pipeline(text_encoder_3=None) runs).
+SD35_MEDIUM_TRANSFORMER: dict[str, Any] = dict(
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD3_VAE: dict[str, Any] = dict(
+    in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=32,
+    scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def build_sd3_transformer(*, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0):
+    """The SD3.5-medium ``SD3Transformer2DModel`` with random weights (``device="meta"``: no memory)."""
+    from diffusers import SD3Transformer2DModel
+
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)
+    if str(device) == "meta":
+        return transformer.to(dtype)
+    transformer = transformer.to_empty(device=device).to(dtype)
+    random_init(transformer, seed)
+    return transformer
+
+
+def make_full_sd3_pipeline(out_dir: str | Path, *, dtype: torch.dtype = torch.float32, resolution: int = 1024,
+                           seed: int = 0, device: str | torch.device = "cpu", overwrite: bool = False) -> Path:
+    """Write a real-size random SD3.5-medium pipeline folder (no T5) in the diffusers layout; arguments as
+    :func:`make_full_pipeline`."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+
+    from fastinpo.models.sd import write_clip_tokenizer
+    from fastinpo.models.sd3 import SD3_SCHEDULER_CONFIG
+
+    if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+    if str(device) == "meta":
+        raise ValueError("a pipeline folder needs real weights: build on 'cpu' or 'cuda' (meta is for counting)")
+    out = Path(out_dir)
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --overwrite to replace it)")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    _save(build_sd3_transformer(device=device, dtype=dtype, seed=seed), out / "transformer", dtype)
+    with torch.device(device):
+        vae = AutoencoderKL(**SD3_VAE, sample_size=resolution)
+    _save(vae, out / "vae", dtype)
+    del vae
+    for sub, cfg in (("", CLIP_L), ("_2", CLIP_BIGG)):
+        with torch.device(device):
+            encoder = CLIPTextModelWithProjection(CLIPTextConfig(**{**CLIP_COMMON, **cfg}))
+        _save(encoder, out / f"text_encoder{sub}", dtype)
+        del encoder
+        write_clip_tokenizer(out / f"tokenizer{sub}")
+    FlowMatchEulerDiscreteScheduler.from_config(SD3_SCHEDULER_CONFIG).save_pretrained(out / "scheduler")
+    import diffusers
+
+    index = {"_class_name": "StableDiffusion3Pipeline", "_diffusers_version": diffusers.__version__,
+             "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+             "transformer": ["diffusers", "SD3Transformer2DModel"], "vae": ["diffusers", "AutoencoderKL"],
+             "text_encoder": ["transformers", "CLIPTextModelWithProjection"],
+             "text_encoder_2": ["transformers", "CLIPTextModelWithProjection"],
+             "tokenizer": ["transformers", "CLIPTokenizer"], "tokenizer_2": ["transformers", "CLIPTokenizer"],
+             "text_encoder_3": [None, None], "tokenizer_3": [None, None], "image_encoder": [None, None],
+             "feature_extractor": [None, None]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    if str(device).startswith("cuda"):
+        torch.cuda.empty_cache()
+    return out

@@ -199,11 +199,15 @@ class InversionLockstep:
     up the difference with throw-away one-sample calls before its next policy or reference call."""
 
     def __init__(self, config: Config, schedule, env: DistEnv):
+        from fastinpo.methods import build_method
         from fastinpo.ops.schedule import inpo_grid
 
         self.seed, self.B, self.env = config.train.seed, config.train.pairs_per_batch, env
         self.T = schedule.num_train_timesteps
-        self.levels = inpo_grid(schedule, config.method.inversion_levels).source_levels.tolist()
+        # a flow model (SD3): the method's own σ draw and Euler levels give each pair's call count
+        self.flow = getattr(build_method(config.method, schedule), "inversion_calls", None)
+        if self.flow is None:
+            self.levels = inpo_grid(schedule, config.method.inversion_levels).source_levels.tolist()
         self.calls = 0
         self.expected = 0
 
@@ -213,8 +217,12 @@ class InversionLockstep:
 
         first = positions[0] - self.env.rank * self.B  # the global batch's first stream position
         everyone = list(range(first, first + self.env.world_size * self.B))
-        t = PairRandomness.for_positions(self.seed, everyone, "cpu").timesteps(self.T).tolist()
-        self.expected = max(sum(1 for s in self.levels if s < ti) for ti in t)
+        rng = PairRandomness.for_positions(self.seed, everyone, "cpu")
+        if self.flow is not None:
+            self.expected = int(self.flow(rng).max())
+        else:
+            t = rng.timesteps(self.T).tolist()
+            self.expected = max(sum(1 for s in self.levels if s < ti) for ti in t)
         self.calls = 0
 
     def pad(self, forward, x, t, cond) -> None:
