@@ -215,9 +215,10 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
     world images. Returns the exported ``unet/`` folder."""
     from fastinpo.data.cache import build_cache
     from fastinpo.data.pickapic import PickAPicDataset, write_pickapic_parquet
-    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.models.family import family_for_folder
     from fastinpo.train import train
 
+    family = family_for_folder(folder)
     data = work / "world-data"
     data.mkdir(parents=True, exist_ok=True)
     n = len(images)
@@ -228,8 +229,8 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
     # re-decode the PNGs and re-run the VAE on both images of every pair, the larger part of a tiny step's cost.
     cache = work / "world-cache"
     dataset = PickAPicDataset(data, RES)
-    build_cache(dataset, Encoder(load_components(folder, load_unet=False)), cache, progress=progress,
-                overwrite=True)
+    build_cache(dataset, family.make_encoder(family.load_components(folder, load_unet=False), "cpu"), cache,
+                progress=progress, overwrite=True)
     config = _train_config(
         model__path=str(folder), data__path=str(data), data__cache_dir=str(cache), data__resolution=RES,
         data__caption_dropout=s.pretrain_caption_dropout, method__name="sft", optim__lr=s.pretrain_lr,
@@ -240,7 +241,31 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
     if (work / "pretrain").exists():  # the demo's own scratch run of an earlier demo: the trainer would refuse it
         shutil.rmtree(work / "pretrain")
     summary = train(config)
-    return Path(summary["export"]) / "unet"
+    return Path(summary["export"]) / family.denoiser_folder
+
+
+def make_demo_sd3_pipeline(folder: Path, seed: int, channels: tuple[int, int] = (32, 64)) -> Path:
+    """``--arch sd3``: the tiny SD3 pipeline of :func:`fastinpo.models.sd3.make_tiny_sd3_pipeline` (two CLIP text
+    encoders, tokenizers, the flow-matching scheduler, no T5) with the demo's 4x-downsampling VAE (no shift) and an
+    MM-DiT sized for its 8×8×4 latents (patch 1, width ``channels[1]``)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+
+    from fastinpo.models.sd3 import TINY_TEXT_DIM, make_tiny_sd3_pipeline
+
+    make_tiny_sd3_pipeline(folder, seed=seed, sample_size=RES)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                        down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
+                        layers_per_block=1, norm_num_groups=8, sample_size=RES, shift_factor=0.0)
+    width = channels[1]
+    transformer = SD3Transformer2DModel(
+        sample_size=LATENT, patch_size=1, in_channels=4, out_channels=4, num_layers=3, attention_head_dim=16,
+        num_attention_heads=width // 16, joint_attention_dim=2 * TINY_TEXT_DIM, caption_projection_dim=width,
+        pooled_projection_dim=2 * TINY_TEXT_DIM, pos_embed_max_size=LATENT, qk_norm="rms_norm")
+    for name, module in (("vae", vae), ("transformer", transformer)):
+        shutil.rmtree(folder / name)
+        module.save_pretrained(folder / name, safe_serialization=True)
+    return folder
 
 
 def make_demo_pipeline(folder: Path, seed: int, channels: tuple[int, int] = (32, 64)) -> Path:
@@ -267,20 +292,20 @@ def make_demo_pipeline(folder: Path, seed: int, channels: tuple[int, int] = (32,
     return folder
 
 
-def make_base_pipeline(out: Path, s: DemoSettings, seed: int, progress: bool) -> dict[str, Any]:
-    """Phase 1-2: the world, the tiny pipeline, its VAE and UNet trained on the world; the base pipeline in
-    ``out/base`` (standard diffusers layout)."""
+def make_base_pipeline(out: Path, s: DemoSettings, seed: int, progress: bool, arch: str = "sd15") -> dict[str, Any]:
+    """Phase 1-2: the world, the tiny pipeline, its VAE and UNet (``arch="sd3"``: MM-DiT) trained on the world; the
+    base pipeline in ``out/base`` (standard diffusers layout)."""
     images, captions = world(s.world_images, seed)
     folder = out / "base"
     if folder.exists():
         shutil.rmtree(folder)
-    make_demo_pipeline(folder, seed, s.unet_channels)
+    (make_demo_sd3_pipeline if arch == "sd3" else make_demo_pipeline)(folder, seed, s.unet_channels)
     t0 = time.perf_counter()
     vae_report = train_vae(folder, images, s, seed, progress)
     t_vae = time.perf_counter() - t0
     unet_dir = pretrain_unet(folder, out / "work", images, captions, s, seed, progress)
-    shutil.rmtree(folder / "unet")
-    shutil.copytree(unet_dir, folder / "unet")
+    shutil.rmtree(folder / unet_dir.name)
+    shutil.copytree(unet_dir, folder / unet_dir.name)
     return {"folder": str(folder), "vae": vae_report, "vae_seconds": t_vae,
             "pretrain_seconds": time.perf_counter() - t0 - t_vae,
             "world_reward_mean": float(reward(to_chw(images), captions).mean())}
@@ -295,18 +320,21 @@ class Sampler:
     scheduler config, never the class defaults.)"""
 
     def __init__(self, folder: Path, steps: int, guidance_scale: float):
-        from diffusers import DDIMScheduler, UNet2DConditionModel
+        from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-        from fastinpo.models.sd import Encoder, load_components
+        from fastinpo.models.family import family_for_folder
 
-        comps = load_components(folder)
-        self.encoder = Encoder(comps)
+        family = family_for_folder(folder)
+        self.flow = family.name == "sd3"  # SD3: the flow Euler sampler of its own scheduler, velocity CFG
+        comps = family.load_components(folder)
+        self.encoder = family.make_encoder(comps, "cpu")
         self.unet = comps.unet.requires_grad_(False)
         self.base_state = {k: v.clone() for k, v in self.unet.state_dict().items()}
-        self.scheduler = DDIMScheduler.from_pretrained(folder, subfolder="scheduler")
+        scheduler_cls = FlowMatchEulerDiscreteScheduler if self.flow else DDIMScheduler
+        self.scheduler = scheduler_cls.from_pretrained(folder, subfolder="scheduler")
         self.steps, self.guidance = steps, guidance_scale
-        self._unet_cls = UNet2DConditionModel
         self._text: dict[str, torch.Tensor] = {}
+        self._pooled: dict[str, torch.Tensor] = {}
 
     def load(self, weights: dict[str, torch.Tensor] | None) -> None:
         """Base weights (None) or a trained state (a checkpoint's ``trainable.safetensors``)."""
@@ -320,8 +348,10 @@ class Sampler:
     def _embed(self, captions: list[str]) -> torch.Tensor:
         todo = [c for c in dict.fromkeys(captions) if c not in self._text]
         if todo:
-            emb, _ = self.encoder.encode_text(todo)
+            emb, pooled = self.encoder.encode_text(todo)
             self._text.update(zip(todo, emb, strict=True))
+            if pooled is not None:
+                self._pooled.update(zip(todo, pooled, strict=True))
         return torch.stack([self._text[c] for c in captions])
 
     @staticmethod
@@ -338,6 +368,9 @@ class Sampler:
             cond = self._embed(caps)
             uncond = self._embed([""]).expand_as(cond)
             emb = torch.cat([uncond, cond])
+            if self.flow:
+                out.append(self._generate_flow(caps, sds, emb))
+                continue
             self.scheduler.set_timesteps(self.steps)
             x = self.noise(sds) * self.scheduler.init_noise_sigma
             for t in self.scheduler.timesteps:
@@ -346,6 +379,20 @@ class Sampler:
             img = self.encoder.vae.decode(x / self.encoder.scaling_factor).sample
             out.append(((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8))
         return torch.cat(out)
+
+
+    def _generate_flow(self, caps: list[str], sds: list[int], emb: torch.Tensor) -> torch.Tensor:
+        """SD3: ``StableDiffusion3Pipeline``'s loop (Euler steps of the flow scheduler, CFG on velocities), decoded
+        with the VAE's scale and shift."""
+        pooled = torch.stack([self._pooled[c] for c in [""] * len(caps) + list(caps)])
+        self.scheduler.set_timesteps(self.steps)
+        x = self.noise(sds)
+        for t in self.scheduler.timesteps:
+            v_u, v_c = self.unet(hidden_states=torch.cat([x, x]), timestep=t.expand(2 * len(caps)),
+                                 encoder_hidden_states=emb, pooled_projections=pooled).sample.chunk(2)
+            x = self.scheduler.step(v_u + self.guidance * (v_c - v_u), t, x).prev_sample
+        img = self.encoder.vae.decode(x / self.encoder.scaling_factor + self.encoder.shift_factor).sample
+        return ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 # ----------------------------------------------------------------------------------------------- phase 3: pairs
@@ -485,7 +532,7 @@ def run_comparison(out: Path, base: Path, s: DemoSettings, seed: int, progress: 
 
 
 def run_demo(out_dir: str | Path, *, quick: bool = False, seeds: int = 1, progress: bool = True,
-             threads: int | None = None) -> dict[str, Any]:
+             threads: int | None = None, arch: str = "sd15") -> dict[str, Any]:
     """Run the demo into ``out_dir``; returns the report (also written to ``out_dir/report.json``).
 
     ``threads`` sets torch's CPU threads (default: torch's choice). The models are so small that on a shared
@@ -495,12 +542,14 @@ def run_demo(out_dir: str | Path, *, quick: bool = False, seeds: int = 1, progre
     if threads:
         torch.set_num_threads(int(threads))
     try:
-        return _run_demo(out_dir, quick=quick, seeds=seeds, progress=progress)
+        return _run_demo(out_dir, quick=quick, seeds=seeds, progress=progress, arch=arch)
     finally:
         torch.set_num_threads(previous)
 
 
-def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool) -> dict[str, Any]:
+def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool, arch: str = "sd15") -> dict[str, Any]:
+    if arch not in ("sd15", "sd3"):
+        raise ValueError(f"the demo's generator is sd15 (default) or sd3, got {arch!r}")
     torch.manual_seed(0)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -509,7 +558,7 @@ def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool) -
     if progress:
         print(f"fastinpo demo ({'quick' if quick else 'full'}, {seeds} seed(s)) -> {out}", flush=True)
         print("1-2 world + generator: train the tiny VAE and UNet on the world", flush=True)
-    generator = make_base_pipeline(out, s, seed=0, progress=progress)
+    generator = make_base_pipeline(out, s, seed=0, progress=progress, arch=arch)
     per_seed = []
     for k in range(seeds):
         if progress:
@@ -519,6 +568,8 @@ def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool) -
               "reward": "mean colour match inside the centre disc (radius 8) minus outside; match = "
                         "clamp(1 - |x - colour| / 0.5, 0, 1), x in [0, 1]", "resolution": RES},
               "generator": generator, "seeds": per_seed, "aggregate": aggregate(per_seed)}
+    if arch == "sd3":  # the default (SD1.5) report stays as it was
+        report["arch"] = "sd3 (flow matching: flow SFT, Flow-DPO, InPO for flows - fastinpo's own extension)"
     report["seconds_total"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_reward_vs_step(report, out / "reward_vs_step.png")
@@ -624,7 +675,8 @@ def sample_grid(seed_dir: Path, s: DemoSettings, path: Path) -> None:
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress, threads=args.threads)
+    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress, threads=args.threads,
+             arch=args.arch)
     return 0
 
 
@@ -639,5 +691,8 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is "
                                                               "often faster on a busy machine)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--arch", choices=("sd15", "sd3"), default="sd15",
+                   help="the generator: sd15 (UNet, DDIM; default) or sd3 (MM-DiT, flow matching: flow SFT, "
+                        "Flow-DPO and InPO for flows, fastinpo's own extension)")
     p.set_defaults(func=_cmd_demo)
     return p
