@@ -36,7 +36,7 @@ Precision = Literal["no", "fp16", "bf16"]
 
 @dataclass
 class ModelConfig:
-    path: str = _f("", "local diffusers pipeline folder (SD1.5 or SDXL; the architecture is detected)")
+    path: str = _f("", "local diffusers pipeline folder (SD1.5, SDXL or SD3/SD3.5; the family is detected)")
     unet_init: str | None = _f(None, "diffusers unet/ folder both policy and reference start from (InPO SD1.5: SFT UNet)")
     reference_dtype: Literal["float32", "float16", "bfloat16"] = _f(
         "float32", "dtype of the frozen reference UNet (official: fp16 for InPO, bf16 for Inversion-DPO)")
@@ -97,7 +97,7 @@ class LoraConfig:
     rank: int = _f(0, "LoRA rank; 0 trains the full UNet against a frozen reference copy")
     alpha: float | None = _f(None, "LoRA alpha (default: the rank)")
     init: Literal["zero", "gaussian"] = _f("zero", "LoRA B init: 'zero' (standard) or 'gaussian' (breaks θ = θ_ref)")
-    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet modules that get adapters")
+    target_modules: list[str] = _f(["to_q", "to_k", "to_v", "to_out.0"], "UNet (or SD3 transformer: also its add_q/k/v_proj) modules that get adapters")
 
 
 @dataclass
