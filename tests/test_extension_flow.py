@@ -147,3 +147,16 @@ def test_meta_kernel_and_named_backend_refusal(gen):
     with pytest.raises(ValueError, match="backend 'ext' cannot run flow_euler_step here: dtype torch.float64"):
         fastinpo.flow_euler_step(xs, xs, torch.tensor([0.1, 0.2], dtype=torch.float64), backend="ext")
     assert dispatch.resolve("flow_euler_step", None, (xs, xs))[0] == "reference"
+
+
+@needs_ext
+def test_a_build_without_the_op_is_skipped_by_the_automatic_choice(monkeypatch, gen):
+    """An extension built before flow_euler_step existed still loads: the automatic choice must not pick it, and
+    a named request says to rebuild."""
+    monkeypatch.setattr(extension, "_has_op", lambda name: False)
+    x = randn(2, 3, generator=gen)
+    d = torch.tensor([0.1, 0.2])
+    assert dispatch.resolve("flow_euler_step", None, (x, x, d))[0] == "reference"
+    assert dispatch.resolve("ddim_inversion_step", None, (x, x, d, d))[0] == "ext"
+    with pytest.raises(ValueError, match="built before flow_euler_step was added.*rebuild"):
+        fastinpo.flow_euler_step(x, x, d, backend="ext")

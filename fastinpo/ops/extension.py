@@ -189,6 +189,25 @@ def can_run(tensors: Sequence[torch.Tensor]) -> str | None:
     return available_reason(tensors)
 
 
+def _has_op(name: str) -> bool:
+    """True if the loaded ``fastinpo._C`` defines ``torch.ops.fastinpo.<name>`` (an older build may not)."""
+    try:
+        getattr(torch.ops.fastinpo, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def flow_can_run(tensors: Sequence[torch.Tensor]) -> str | None:
+    """:func:`can_run` for ``flow_euler_step``, which also needs a build recent enough to have the op: an
+    extension built before it was added still loads, and the automatic choice must then skip it."""
+    reason = available_reason(tensors)
+    if reason is None and not _has_op("flow_euler_step"):
+        return ("fastinpo._C was built before flow_euler_step was added (no torch.ops.fastinpo.flow_euler_step); "
+                "rebuild it: pip install --no-build-isolation -e .")
+    return reason
+
+
 def register() -> None:
     """Register ``"ext"`` as an implementation of ``ddim_inversion_step`` and ``flow_euler_step`` (idempotent).
 
@@ -201,5 +220,5 @@ def register() -> None:
     from fastinpo.ops import dispatch
 
     dispatch.register("ddim_inversion_step", "ext", ddim_inversion_step_ext, can_run)
-    dispatch.register("flow_euler_step", "ext", flow_euler_step_ext, can_run)
+    dispatch.register("flow_euler_step", "ext", flow_euler_step_ext, flow_can_run)
     _registered = True
