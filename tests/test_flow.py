@@ -388,3 +388,10 @@ def test_euler_step_bad_inputs(gen):
         fastinpo.flow_euler_step(x, v, d, backend="cuda")
     with pytest.raises(ValueError, match="backend 'triton' cannot run flow_euler_step"):
         fastinpo.flow_euler_step(x.double(), v.double(), d.double(), backend="triton")
+
+
+def test_schedule_device_tables_are_cached():
+    sched = FlowSchedule.from_config(SD3_SCHEDULER_CONFIG)
+    sigmas, timesteps = sched.tables("cpu")
+    assert sched.tables(torch.device("cpu"))[0] is sigmas  # one copy per device, reused every step
+    assert torch.equal(sigmas, sched.sigmas) and torch.equal(timesteps, sched.timesteps)

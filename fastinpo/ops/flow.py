@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,10 +67,21 @@ class FlowSchedule:
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     shift: float
+    _device_tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.sigmas.shape[0])
+
+    def tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmas, timesteps)`` on ``device``, cached per device: a training loop copies them once (a
+        host-to-device copy each step would be a host sync in the hot loop)."""
+        key = torch.device(device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            cached = (self.sigmas.to(key), self.timesteps.to(key))
+            self._device_tables[key] = cached
+        return cached
 
     @classmethod
     def from_config(cls, config) -> FlowSchedule:
@@ -118,7 +129,7 @@ class FlowSchedule:
         """``σ_i`` of integer ``indices`` (any shape, values in ``[0, T)``), float32 on ``indices``' device."""
         if indices.is_floating_point():
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        return self.sigmas.to(indices.device)[indices]
+        return self.tables(indices.device)[0][indices]
 
 
 # ----------------------------------------------------------------------------------------------- density
@@ -214,12 +225,8 @@ def sample_flow_sigmas(
                      device=device, generator=generator)
     T = schedule.num_train_timesteps
     indices = (u * T).long().clamp(0, T - 1)
-    return FlowTimesteps(
-        u=u,
-        indices=indices,
-        sigmas=schedule.sigmas.to(u.device)[indices],
-        timesteps=schedule.timesteps.to(u.device)[indices],
-    )
+    sigmas, timesteps = schedule.tables(u.device)
+    return FlowTimesteps(u=u, indices=indices, sigmas=sigmas[indices], timesteps=timesteps[indices])
 
 
 # ----------------------------------------------------------------------------------------------- noising, target
