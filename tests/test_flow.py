@@ -399,3 +399,17 @@ def test_schedule_device_tables_are_cached():
     sigmas, timesteps = sched.tables("cpu")
     assert sched.tables(torch.device("cpu"))[0] is sigmas  # one copy per device, reused every step
     assert torch.equal(sigmas, sched.sigmas) and torch.equal(timesteps, sched.timesteps)
+
+
+def test_num_steps_is_the_inversions_own_count(gen):
+    """A caller that plans the policy calls ahead (ZeRO-3 lockstep pads every rank to the same count) must get the
+    inversion's own counts, σ_t exactly on a level and float64 state included."""
+    levels = flow_inpo_levels(SD3, 10)
+    sigma_t = torch.cat([levels.sigmas[1:], SD3.sigmas[::97]])
+    B = sigma_t.shape[0]
+    for dtype in (torch.float32, torch.float64):
+        z0 = randn(2 * B, 2, 3, 3, generator=gen, dtype=dtype)
+        model = VelocityModel(channels=2)
+        inv = fastinpo.flow_inpo_invert(model, z0, sigma_t.to(dtype), _cond(2 * B, gen), levels)
+        assert torch.equal(inv.num_steps, levels.num_steps(sigma_t.to(dtype)))
+        assert inv.num_steps[:10].tolist() == list(range(1, 11))  # σ_t = g_k takes k steps

@@ -312,9 +312,12 @@ class FlowInPOLevels:
 
     def num_steps(self, sigma_t: torch.Tensor) -> torch.Tensor:
         """Euler steps (= policy calls) of a pair at ``sigma_t`` (any shape): ``#{k < K : g_k < σ_t}``, in
-        ``[1, K]`` for ``σ_t`` in (0, 1]."""
-        src = self.sigmas[:-1].to(device=sigma_t.device)
-        return (src.view(*([1] * sigma_t.dim()), -1) < sigma_t.to(torch.float32).unsqueeze(-1)).sum(-1)
+        ``[1, K]`` for ``σ_t`` in (0, 1]. Compared in float32 (float64 for a float64 ``sigma_t``): the one
+        definition :func:`flow_inpo_invert` uses, so a caller that plans calls ahead (ZeRO-3 lockstep) gets the
+        inversion's own counts."""
+        dtype = torch.promote_types(sigma_t.dtype, torch.float32)
+        src = self.sigmas[:-1].to(device=sigma_t.device, dtype=dtype)
+        return (src.view(*([1] * sigma_t.dim()), -1) < sigma_t.to(dtype).unsqueeze(-1)).sum(-1)
 
 
 def flow_inpo_levels(schedule: FlowSchedule, num_levels: int = 10) -> FlowInPOLevels:
@@ -453,9 +456,7 @@ def flow_inpo_invert(
     if bool(bad.any()):
         raise ValueError(f"sigma_t must lie in (0, 1], got values such as {sig_host[bad][:4].tolist()}")
     g = levels.sigmas.to(acc)
-    g_host = g.tolist()
-    K = levels.num_levels
-    counts = [sum(1 for k in range(K) if g_host[k] < s) for s in sig_host.tolist()]
+    counts = levels.num_steps(sig_host).tolist()
 
     # Prefix layout: pairs sorted by decreasing step count (stable), each pair's winner and loser side by side,
     # so the samples active at step k are the first 2 * n_k rows — a view, no gather, for every model call.
