@@ -313,8 +313,8 @@ class FlowInPOLevels:
     def num_steps(self, sigma_t: torch.Tensor) -> torch.Tensor:
         """Euler steps (= policy calls) of a pair at ``sigma_t`` (any shape): ``#{k < K : g_k < σ_t}``, in
         ``[1, K]`` for ``σ_t`` in (0, 1]. Compared in float32 (float64 for a float64 ``sigma_t``): the one
-        definition :func:`flow_inpo_invert` uses, so a caller that plans calls ahead (ZeRO-3 lockstep) gets the
-        inversion's own counts."""
+        definition :func:`flow_inpo_invert` uses (on σ_t in its state's precision: float32, float64 for float64
+        latents), so a caller that plans calls ahead (ZeRO-3 lockstep) gets the inversion's own counts."""
         dtype = torch.promote_types(sigma_t.dtype, torch.float32)
         src = self.sigmas[:-1].to(device=sigma_t.device, dtype=dtype)
         return (src.view(*([1] * sigma_t.dim()), -1) < sigma_t.to(dtype).unsqueeze(-1)).sum(-1)
