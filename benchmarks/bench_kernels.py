@@ -3,12 +3,15 @@
 Providers:
   - ``reference``: the plain-PyTorch reference (``fastinpo.ops.reference``), eager;
   - ``compile``: ``torch.compile`` of the same reference functions (skipped, with the reason printed, if it fails);
-  - ``triton``: the fused Triton kernels (CUDA only: the interpreter is never timed).
+  - ``triton``: the fused Triton kernels (CUDA only: the interpreter is never timed);
+  - ``ext``: the compiled extension ``fastinpo._C`` (the flow step only; where it is built).
 
 Cases:
   - ``dpo_loss`` ``fwd`` and ``fwd+bwd``: SDXL latents ``2B × 4 × 128 × 128`` (B ∈ {1, 4, 16, 64}) and SD1.5
     ``2B × 4 × 64 × 64``;
-  - ``ddim_step_cfg``: one DDIM inversion step with the classifier-free-guidance combine of ``[uncond; cond]``.
+  - ``ddim_step_cfg``: one DDIM inversion step with the classifier-free-guidance combine of ``[uncond; cond]``;
+  - ``flow_step``: one Euler step ``x + Δσ v`` of a flow model with per-sample ``Δσ`` (SPEC §7), SD3.5 latents
+    ``2B × 16 × 128 × 128``; also timed on the compiled extension (provider ``ext``, CPU and CUDA).
 
 Per row: median time and spread (p10/p90 and IQR) over many repeats after warm-up (CUDA events on a GPU,
 ``perf_counter`` on CPU), rotating among several input sets so that the cache is not what is measured; GB/s on
@@ -24,6 +27,7 @@ Usage::
     python benchmarks/bench_kernels.py                 # full set (on a GPU)
     python benchmarks/bench_kernels.py --smoke         # tiny shapes, few repeats, CPU, < 1 minute
     python benchmarks/bench_kernels.py --out DIR       # where the CSV and PNG go (default benchmarks/results)
+    python benchmarks/bench_kernels.py --smoke --ops flow_step   # only some ops
 """
 
 from __future__ import annotations
@@ -157,6 +161,43 @@ def step_inputs(shape, dtype, dev, n_sets, seed):
     return sets, sch.alpha_init
 
 
+def flow_inputs(shape, dtype, dev, n_sets, seed):
+    """``(x, v, Δσ)``: unit-variance state and velocity, Δσ from the InPO-for-flows level gaps (SD3, K = 10)."""
+    from fastinpo.ops.flow import FlowSchedule, flow_inpo_levels
+
+    gaps = flow_inpo_levels(FlowSchedule.sd3(), 10).sigmas.diff()
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    sets = []
+    for _ in range(n_sets):
+        x = torch.randn(shape, generator=g).to(dev, dtype)
+        v = torch.randn(shape, generator=g).to(dev, dtype)
+        d = gaps[torch.randint(0, gaps.numel(), (shape[0],), generator=g)].to(dev)
+        sets.append((x, v, d))
+    return sets
+
+
+def flow_providers(dev):
+    """The fast paths of the flow step: the backend functions themselves (what the inversion loop calls after one
+    dispatch), without the public function's input checks."""
+    out = {}
+    from fastinpo.ops import extension
+
+    reason = extension.available_reason([torch.empty(1, device=dev)])
+    if reason is None and not extension._has_op("flow_euler_step"):
+        reason = "fastinpo._C was built before flow_euler_step was added"
+    out["ext"] = extension.flow_euler_step_ext if reason is None else f"unavailable: {reason}"
+    if dev.type == "cuda":
+        try:
+            from fastinpo.kernels.flow_step import flow_euler_step
+
+            out["triton"] = flow_euler_step
+        except Exception as err:
+            out["triton"] = f"unavailable: {type(err).__name__}: {err}"
+    else:
+        out["triton"] = "CUDA only (the Triton interpreter is never timed)"
+    return out
+
+
 def ref_dpo_fwd(m, r, t):
     return reference.diffusion_dpo_loss(m.detach(), r, t, 5000.0).loss
 
@@ -182,6 +223,8 @@ def providers_for(op, mode, shape, dtype, dev, alpha_init, compiled_cache):
     out = {}
     if op == "dpo_loss":
         base = ref_dpo_fwd if mode == "fwd" else ref_dpo_fwd_bwd
+    elif op == "flow_step":
+        base = reference.flow_euler_step
     else:
         base = make_ref_step(alpha_init)
     out["reference"] = base
@@ -197,6 +240,9 @@ def providers_for(op, mode, shape, dtype, dev, alpha_init, compiled_cache):
             fn = torch.compile(base, dynamic=False)
         compiled_cache[key] = fn
     out["compile"] = compiled_cache[key]
+    if op == "flow_step":
+        out.update(flow_providers(dev))
+        return out
     if dev.type == "cuda":
         try:
             import triton  # noqa: F401
@@ -236,6 +282,10 @@ def build_cases(smoke: bool, dev):
         for mode in ("fwd", "fwd+bwd"):
             cases.append(("dpo_loss", mode, model, B, shape))
         cases.append(("ddim_step_cfg", "fwd", model, B, shape))
+    sd35 = ([("sd35-like 16x32x32", b, (2 * b, 16, 32, 32)) for b in (1, 4)] if smoke else
+            [("sd35 16x128x128", b, (2 * b, 16, 128, 128)) for b in (1, 4, 16)])
+    for model, B, shape in sd35:
+        cases.append(("flow_step", "fwd", model, B, shape))
     return cases
 
 
@@ -249,6 +299,8 @@ def case_bytes(op, mode, shape, dtype):
             return 3 * numel * es, 3 * numel * es
         # forward: 3 inputs read; backward: model_pred and target read, gradient written
         return 6 * numel * es, 4 * numel * es
+    if op == "flow_step":  # x and v read, x_next written
+        return 3 * numel * es, 3 * numel * es
     # step: x read, [uncond; cond] read (2 × x), x_next written
     return 4 * numel * es, 4 * numel * es
 
@@ -260,6 +312,7 @@ def main(argv=None):
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available; cpu with --smoke)")
     parser.add_argument("--dtypes", default=None, help="comma-separated: fp32,fp16,bf16")
     parser.add_argument("--repeats", type=int, default=None)
+    parser.add_argument("--ops", default=None, help="comma-separated subset of: dpo_loss,ddim_step_cfg,flow_step")
     parser.add_argument("--no-plot", action="store_true")
     args = parser.parse_args(argv)
 
@@ -299,9 +352,13 @@ def main(argv=None):
     for dname in dtype_names:
         dtype = dtypes_map[dname]
         for op, mode, model, B, shape in build_cases(args.smoke, dev):
+            if args.ops and op not in args.ops.split(","):
+                continue
             if op == "dpo_loss":
                 sets = dpo_inputs(shape, dtype, dev, n_sets, seed=B)
                 alpha_init = None
+            elif op == "flow_step":
+                sets, alpha_init = flow_inputs(shape, dtype, dev, n_sets, seed=B), None
             else:
                 sets, alpha_init = step_inputs(shape, dtype, dev, n_sets, seed=B)
             nbytes, floor = case_bytes(op, mode, shape, dtype)

@@ -13,7 +13,8 @@ traffic, so bandwidth says nothing there. What is measured instead, per op, back
   same way: ``gbps`` on the design's bytes (inputs read once, outputs written once) and ``frac_of_copy``.
 
 Backends: ``eager`` (the float32-accumulating reference, as autograd runs it), ``compile`` (``torch.compile`` of
-it), ``triton`` and ``ext`` (the DDIM step's CUDA extension) through the dispatcher. The GPU's bf16 matmul rate and
+it), ``triton`` and ``ext`` (the steps' CUDA extension) through the dispatcher. The flow models' Euler step
+``x + Δσ v`` (SPEC §7) is measured at SD3.5 latent size (16×128×128). The GPU's bf16 matmul rate and
 copy bandwidth are measured first in the same run. Rows go to ``--out`` as ``kernels-sdxl-<device>-<date>.csv``
 (written after every op, so a run cut short keeps what it measured).
 
@@ -42,6 +43,7 @@ COLUMNS = ["timestamp", "device", "torch", "commit", "command", "op", "backend",
            "status", "us_per_call", "graph_us_per_call", "speedup_vs_eager", "speedup_vs_compile", "mb_per_call",
            "kernel_us_flushed", "gbps", "copy_gbps", "frac_of_copy", "matmul_tflops", "loadavg_1m", "note"]
 SDXL = (4, 128, 128)
+SD35 = (16, 128, 128)  # SD3.5-medium latents at 1024 px (the flow step)
 CALLS = 200
 
 
@@ -120,16 +122,19 @@ def matmul_tflops(dev) -> float | None:
 
 
 def ops(dev):
-    """(name, backends, make_inputs(B, dtype) -> list of arg tuples, call(backend) -> fn(*args), bytes(B, dtype))."""
+    """``[(name, backends, make_inputs(B, dtype) -> list of arg tuples, call(backend) -> fn(*args), bytes(B, dtype),
+    shape)]``: ``shape`` is one sample's latent shape."""
     import fastinpo
     from fastinpo.ops import dispatch, reference
+    from fastinpo.ops.flow import FlowSchedule, flow_inpo_levels
     from fastinpo.ops.schedule import SD_SCHEDULER_CONFIG, NoiseSchedule
 
     sch = NoiseSchedule.from_config(SD_SCHEDULER_CONFIG)
     shape = SDXL if dev.type == "cuda" else (4, 16, 16)
-    elems = 1
-    for s in shape:
-        elems *= s
+    flow_shape = SD35 if dev.type == "cuda" else (16, 8, 8)
+    elems = shape[0] * shape[1] * shape[2]
+    flow_elems = flow_shape[0] * flow_shape[1] * flow_shape[2]
+    gaps = flow_inpo_levels(FlowSchedule.sd3(), 10).sigmas.diff()
 
     def dpo_inputs(B, dtype, n_sets=4):
         g = torch.Generator().manual_seed(B)
@@ -169,6 +174,19 @@ def ops(dev):
             return torch.compile(reference.ddim_inversion_step)
         return lambda x, e, a, b: fastinpo.ddim_inversion_step(x, e, a, b, backend=backend)
 
+    def flow_inputs(B, dtype, n_sets=4):
+        g = torch.Generator().manual_seed(B)
+        return [(torch.randn(2 * B, *flow_shape, generator=g).to(dev, dtype),
+                 torch.randn(2 * B, *flow_shape, generator=g).to(dev, dtype),
+                 gaps[torch.randint(0, gaps.numel(), (2 * B,), generator=g)].to(dev)) for _ in range(n_sets)]
+
+    def flow_call(backend):
+        if backend == "eager":
+            return reference.flow_euler_step
+        if backend == "compile":
+            return torch.compile(reference.flow_euler_step)
+        return lambda x, v, d: fastinpo.flow_euler_step(x, v, d, backend=backend)
+
     def fast(op):
         names = [b for b in dispatch.registered()[op] if b != "reference"]
         return ["eager", "compile", *names]
@@ -177,11 +195,14 @@ def ops(dev):
     return [
         # fwd+bwd: read model, ref, target; write grad (the design's bytes)
         ("dpo-loss-fwd-bwd", fast("diffusion_dpo_loss"), dpo_inputs, dpo_call,
-         lambda B, dt: 4 * 2 * B * elems * itemsize[dt]),
+         lambda B, dt: 4 * 2 * B * elems * itemsize[dt], shape),
         # read x, eps; write x_next
         ("ddim-inversion-step", fast("ddim_inversion_step"), step_inputs, step_call,
-         lambda B, dt: 3 * 2 * B * elems * itemsize[dt]),
-    ], shape
+         lambda B, dt: 3 * 2 * B * elems * itemsize[dt], shape),
+        # read x, v; write x_next
+        ("flow-euler-step", fast("flow_euler_step"), flow_inputs, flow_call,
+         lambda B, dt: 3 * 2 * B * flow_elems * itemsize[dt], flow_shape),
+    ]
 
 
 def main(argv=None) -> int:
@@ -221,9 +242,9 @@ def main(argv=None) -> int:
         print(f"bf16 matmul {peak:.0f} TFLOP/s; copy {copy_gbps_big:.0f} GB/s", flush=True)
     rows.append(dict(base, op="machine", backend="", status="ok", matmul_tflops=peak, copy_gbps=copy_gbps_big,
                      loadavg_1m=loadavg(), note="8192^3 bf16 matmul; 1 GiB device copy (read + write)"))
-    op_list, shape = ops(dev)
+    op_list = ops(dev)
     flush = torch.empty(64 * 2**20, device=dev) if cuda else None  # 256 MB > the 60 MB L2
-    for name, backends, make, call, nbytes in op_list:
+    for name, backends, make, call, nbytes, shape in op_list:
         for dtype_name in (args.dtypes if cuda else ["float32"]):
             dtype = getattr(torch, dtype_name)
             for B in pairs:

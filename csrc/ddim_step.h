@@ -13,6 +13,10 @@
 //   x_next += noise_scale[i] * noise[i]              (optional)
 //   inactive samples: x_next = x (bit-exact copy; their timesteps are not read)
 // All elementwise math is float32 whatever the storage dtype; the output has x's dtype.
+//
+// The flow-model Euler step (SPEC §7; fastinpo::flow_euler_step) is the same elementwise form with
+// c1 = 1 and c2 = Δσ_i (x_next = x + Δσ * v, eps = the velocity v): coefficient source (c) below, so both ops
+// share one CPU and one CUDA kernel.
 #pragma once
 
 #include <cmath>
@@ -49,6 +53,8 @@ struct DdimStepParams {
   //  (b) ... or per-sample ᾱ values directly (table == nullptr).
   const float* alpha_from = nullptr;
   const float* alpha_to = nullptr;
+  //  (c) ... or a flow Euler step: per-sample Δσ (n,) (c1 = 1, c2 = Δσ; takes precedence over (a) and (b)).
+  const float* d_sigma = nullptr;
 
   const bool* active = nullptr;       // (n,) or null (all active)
   const float* noise_scale = nullptr; // (n,), required with noise
@@ -78,6 +84,11 @@ FASTINPO_HD SampleCoeffs sample_coeffs(const DdimStepParams& p, int64_t i) {
   SampleCoeffs c;
   c.active = p.active == nullptr || p.active[i];
   c.s = p.noise_scale != nullptr ? p.noise_scale[i] : 0.f;
+  if (p.d_sigma != nullptr) {  // flow Euler step: x + Δσ * v (1 * x is exact)
+    c.c1 = 1.f;
+    c.c2 = p.d_sigma[i];
+    return c;
+  }
   double a_from, a_to;
   if (p.table != nullptr) {
     const int64_t tf = p.t_from[i];

@@ -1,6 +1,6 @@
-// fastinpo::ddim_inversion_step and fastinpo::ddim_inversion_step_alphas: schema, validation, CPU / CUDA /
-// Meta registrations, and the Python module fastinpo._C (which only exposes built_with_cuda(); the ops are
-// reached through torch.ops.fastinpo once the module is imported).
+// fastinpo::ddim_inversion_step, fastinpo::ddim_inversion_step_alphas and fastinpo::flow_euler_step: schema,
+// validation, CPU / CUDA / Meta registrations, and the Python module fastinpo._C (which only exposes
+// built_with_cuda(); the ops are reached through torch.ops.fastinpo once the module is imported).
 //
 // Schemas (x, eps, noise share one dtype: float32, float16 or bfloat16; everything on x's device):
 //
@@ -15,6 +15,10 @@
 //                              Tensor? noise=None, Tensor? noise_scale=None, float? cfg_scale=None) -> Tensor
 //     the same step with per-sample ᾱ values (n,) float32 instead of a table and levels (the signature of
 //     fastinpo.ops.reference.ddim_inversion_step, which the dispatcher's "ext" backend implements).
+//
+//   flow_euler_step(Tensor x, Tensor v, Tensor d_sigma) -> Tensor
+//     the Euler step of a flow model (SPEC §7): x_next = x + d_sigma[i] * v, x and v of one dtype, d_sigma (n,)
+//     float32 (the signature of fastinpo.ops.reference.flow_euler_step); the same kernels with c1 = 1, c2 = Δσ.
 //
 // Non-contiguous inputs are accepted (copied to contiguous first). Timesteps and alphas of inactive samples
 // are never read. On CPU the timestep range (and the alpha range of the _alphas variant) is checked;
@@ -39,8 +43,9 @@ namespace fastinpo {
 namespace {
 
 constexpr const char* kOp = "fastinpo::ddim_inversion_step";
+constexpr const char* kFlowOp = "fastinpo::flow_euler_step";
 
-StepDtype step_dtype(at::ScalarType t) {
+StepDtype step_dtype(at::ScalarType t, const char* op = kOp) {
   switch (t) {
     case at::kFloat:
       return StepDtype::kFloat32;
@@ -49,7 +54,7 @@ StepDtype step_dtype(at::ScalarType t) {
     case at::kBFloat16:
       return StepDtype::kBFloat16;
     default:
-      TORCH_CHECK_TYPE(false, kOp, ": x must be float32, float16 or bfloat16 (float32 math inside), got ", t,
+      TORCH_CHECK_TYPE(false, op, ": x must be float32, float16 or bfloat16 (float32 math inside), got ", t,
                        " (float64 stays on the reference backend)");
   }
   return StepDtype::kFloat32;
@@ -57,15 +62,16 @@ StepDtype step_dtype(at::ScalarType t) {
 
 // Shape / dtype / device checks, shared by the real kernels and the Meta (fake) kernel. Sizes are read
 // as SymInts so that torch.compile can trace with dynamic shapes.
-void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& x) {
-  TORCH_CHECK_VALUE(t.device() == x.device(), kOp, ": ", name, " must be on ", x.device(), " like x, got ",
+void check_same_device(const char* name, const at::Tensor& t, const at::Tensor& x, const char* op = kOp) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), op, ": ", name, " must be on ", x.device(), " like x, got ",
                     t.device());
 }
 
-void check_vector(const char* name, const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype) {
-  check_same_device(name, t, x);
-  TORCH_CHECK_TYPE(t.scalar_type() == dtype, kOp, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == x.sym_size(0), kOp, ": ", name, " must have shape (",
+void check_vector(const char* name, const at::Tensor& t, const at::Tensor& x, at::ScalarType dtype,
+                  const char* op = kOp) {
+  check_same_device(name, t, x, op);
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 1 && t.sym_size(0) == x.sym_size(0), op, ": ", name, " must have shape (",
                     x.sym_size(0), ",) (one value per sample of x), got ", t.sym_sizes());
 }
 
@@ -119,6 +125,18 @@ void check_table_args(const at::Tensor& x, const at::Tensor& table, const at::Te
 void check_alpha_args(const at::Tensor& x, const at::Tensor& alpha_from, const at::Tensor& alpha_to) {
   check_vector("alpha_from", alpha_from, x, at::kFloat);
   check_vector("alpha_to", alpha_to, x, at::kFloat);
+}
+
+// The flow Euler step: x (n, ...) float32/float16/bfloat16, v like x (same dtype and shape), d_sigma (n,) float32.
+void check_flow_args(const at::Tensor& x, const at::Tensor& v, const at::Tensor& d_sigma) {
+  step_dtype(x.scalar_type(), kFlowOp);
+  TORCH_CHECK_VALUE(x.dim() >= 1, kFlowOp, ": x must be (n, ...) with a batch dimension, got a 0-d tensor");
+  check_same_device("v", v, x, kFlowOp);
+  TORCH_CHECK_TYPE(v.scalar_type() == x.scalar_type(), kFlowOp, ": v must have x's dtype ", x.scalar_type(),
+                   ", got ", v.scalar_type());
+  TORCH_CHECK_VALUE(v.sym_sizes() == x.sym_sizes(), kFlowOp, ": v must have x's shape ", x.sym_sizes(), ", got ",
+                    v.sym_sizes());
+  check_vector("d_sigma", d_sigma, x, at::kFloat, kFlowOp);
 }
 
 at::Tensor contiguous_or_null(const std::optional<at::Tensor>& t) { return t ? t->contiguous() : at::Tensor(); }
@@ -180,8 +198,8 @@ Prepared prepare(const at::Tensor& x, const at::Tensor& eps, const std::optional
   return r;
 }
 
-void run(Prepared& r) {
-  const StepDtype dtype = step_dtype(r.x.scalar_type());
+void run(Prepared& r, const char* op = kOp) {
+  const StepDtype dtype = step_dtype(r.x.scalar_type(), op);
   if (r.x.is_cpu()) {
     ddim_step_cpu(r.p, dtype);
     return;
@@ -190,11 +208,11 @@ void run(Prepared& r) {
   if (r.x.is_cuda()) {
     const c10::cuda::CUDAGuard guard(r.x.device());
     const char* err = ddim_step_cuda(r.p, dtype, c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err);
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
     return;
   }
 #endif
-  TORCH_CHECK(false, kOp, ": no kernel for device ", r.x.device(),
+  TORCH_CHECK(false, op, ": no kernel for device ", r.x.device(),
               " (fastinpo._C was built without CUDA, or the device is not supported)");
 }
 
@@ -238,7 +256,27 @@ at::Tensor step_alphas(const at::Tensor& x, const at::Tensor& eps, const at::Ten
   return r.out;
 }
 
+at::Tensor flow_step(const at::Tensor& x, const at::Tensor& v, const at::Tensor& d_sigma) {
+  check_flow_args(x, v, d_sigma);
+  Prepared r = prepare(x, v, std::nullopt, std::nullopt, std::nullopt, std::nullopt);
+  const at::Tensor d = d_sigma.contiguous();
+  if (x.is_cpu()) {  // free on CPU; on CUDA it would cost a host sync (the Python op checks before dispatch)
+    const float* dv = d.const_data_ptr<float>();
+    for (int64_t i = 0; i < d.size(0); ++i) {
+      TORCH_CHECK_VALUE(std::isfinite(dv[i]), kFlowOp, ": d_sigma[", i, "] = ", dv[i], " must be finite");
+    }
+  }
+  r.p.d_sigma = d.const_data_ptr<float>();
+  run(r, kFlowOp);
+  return r.out;
+}
+
 // Meta (fake) kernels: the same shape/dtype checks, no data read, output like x.
+at::Tensor flow_step_meta(const at::Tensor& x, const at::Tensor& v, const at::Tensor& d_sigma) {
+  check_flow_args(x, v, d_sigma);
+  return at::empty_symint(x.sym_sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+}
+
 at::Tensor step_table_meta(const at::Tensor& x, const at::Tensor& eps, const at::Tensor& alphas_cumprod,
                            const at::Tensor& t_from, const at::Tensor& t_to, double alpha_init,
                            const std::optional<at::Tensor>& active, const std::optional<at::Tensor>& noise,
@@ -268,23 +306,27 @@ TORCH_LIBRARY(fastinpo, m) {
   m.def(
       "ddim_inversion_step_alphas(Tensor x, Tensor eps, Tensor alpha_from, Tensor alpha_to, "
       "Tensor? active=None, Tensor? noise=None, Tensor? noise_scale=None, float? cfg_scale=None) -> Tensor");
+  m.def("flow_euler_step(Tensor x, Tensor v, Tensor d_sigma) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(fastinpo, CPU, m) {
   m.impl("ddim_inversion_step", TORCH_FN(fastinpo::step_table));
   m.impl("ddim_inversion_step_alphas", TORCH_FN(fastinpo::step_alphas));
+  m.impl("flow_euler_step", TORCH_FN(fastinpo::flow_step));
 }
 
 #ifdef FASTINPO_WITH_CUDA
 TORCH_LIBRARY_IMPL(fastinpo, CUDA, m) {
   m.impl("ddim_inversion_step", TORCH_FN(fastinpo::step_table));
   m.impl("ddim_inversion_step_alphas", TORCH_FN(fastinpo::step_alphas));
+  m.impl("flow_euler_step", TORCH_FN(fastinpo::flow_step));
 }
 #endif
 
 TORCH_LIBRARY_IMPL(fastinpo, Meta, m) {
   m.impl("ddim_inversion_step", TORCH_FN(fastinpo::step_table_meta));
   m.impl("ddim_inversion_step_alphas", TORCH_FN(fastinpo::step_alphas_meta));
+  m.impl("flow_euler_step", TORCH_FN(fastinpo::flow_step_meta));
 }
 
 // ------------------------------------------------------------------------------------------------ module
@@ -305,7 +347,9 @@ static PyMethodDef kMethods[] = {
 
 static PyModuleDef kModule = {
     PyModuleDef_HEAD_INIT, "_C",
-    "fastinpo's compiled kernels: torch.ops.fastinpo.ddim_inversion_step(_alphas); see csrc/ops.cpp.", -1, kMethods,
+    "fastinpo's compiled kernels: torch.ops.fastinpo.ddim_inversion_step(_alphas) and flow_euler_step; "
+    "see csrc/ops.cpp.",
+    -1, kMethods,
 };
 
 PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&kModule); }

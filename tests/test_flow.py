@@ -6,6 +6,7 @@ tests/test_ops_cuda.py."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 
@@ -386,5 +387,29 @@ def test_euler_step_bad_inputs(gen):
         fastinpo.flow_euler_step(x[:0], v[:0], d[:0])
     with pytest.raises(ValueError, match="unknown backend"):
         fastinpo.flow_euler_step(x, v, d, backend="cuda")
-    with pytest.raises(ValueError, match="backend 'triton' cannot run flow_euler_step"):
+    # float64 stays on the reference: Triton (where installed) refuses it by name; without Triton it is not registered
+    triton_message = ("backend 'triton' cannot run flow_euler_step here: float64" if importlib.util.find_spec("triton")
+                      else "backend 'triton' is not implemented for flow_euler_step")
+    with pytest.raises(ValueError, match=triton_message):
         fastinpo.flow_euler_step(x.double(), v.double(), d.double(), backend="triton")
+
+
+def test_schedule_device_tables_are_cached():
+    sched = FlowSchedule.from_config(SD3_SCHEDULER_CONFIG)
+    sigmas, timesteps = sched.tables("cpu")
+    assert sched.tables(torch.device("cpu"))[0] is sigmas  # one copy per device, reused every step
+    assert torch.equal(sigmas, sched.sigmas) and torch.equal(timesteps, sched.timesteps)
+
+
+def test_num_steps_is_the_inversions_own_count(gen):
+    """A caller that plans the policy calls ahead (ZeRO-3 lockstep pads every rank to the same count) must get the
+    inversion's own counts, σ_t exactly on a level and float64 state included."""
+    levels = flow_inpo_levels(SD3, 10)
+    sigma_t = torch.cat([levels.sigmas[1:], SD3.sigmas[::97]])
+    B = sigma_t.shape[0]
+    for dtype in (torch.float32, torch.float64):
+        z0 = randn(2 * B, 2, 3, 3, generator=gen, dtype=dtype)
+        model = VelocityModel(channels=2)
+        inv = fastinpo.flow_inpo_invert(model, z0, sigma_t.to(dtype), _cond(2 * B, gen), levels)
+        assert torch.equal(inv.num_steps, levels.num_steps(sigma_t.to(dtype)))
+        assert inv.num_steps[:10].tolist() == list(range(1, 11))  # σ_t = g_k takes k steps

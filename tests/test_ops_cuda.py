@@ -16,7 +16,7 @@ import torch
 
 import fastinpo
 from fastinpo.ops import dispatch, reference
-from tests.tolerances import FLOAT32_RTOL, assert_close_fp32, assert_matches
+from tests.tolerances import FLOAT32_RTOL, assert_close_fp32, assert_matches, assert_spec_rule, ulp_floor
 
 CUDA = torch.cuda.is_available()
 DRY = os.environ.get("FASTINPO_KIT_DRY_RUN") == "1"
@@ -27,6 +27,7 @@ DEVICE = "cuda" if CUDA else "cpu"
 SDXL = (4, 128, 128) if CUDA else (4, 16, 16)  # the dry run: the same code at a tiny size
 SHAPES = [(1, SDXL), (4, SDXL), (3, (3, 37, 53))]
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+SD35 = (16, 128, 128) if CUDA else (16, 8, 8)  # SD3.5-medium latents at 1024 px (flow models, SPEC §7)
 
 
 def backends(op: str) -> list[str]:
@@ -45,7 +46,8 @@ def _assert_backend_runs(op: str, backend: str, tensors) -> None:
 
         module = importlib.import_module({"diffusion_dpo_loss": "fastinpo.kernels.dpo_loss",
                                           "inversion_dpo_loss": "fastinpo.kernels.inversion_dpo",
-                                          "ddim_inversion_step": "fastinpo.kernels.ddim_step"}[op])
+                                          "ddim_inversion_step": "fastinpo.kernels.ddim_step",
+                                          "flow_euler_step": "fastinpo.kernels.flow_step"}[op])
         kinds = {type(v).__name__ for v in vars(module).values() if "triton" in type(v).__module__}
         assert kinds == {"JITFunction"}, f"Triton ran as {kinds}: set TRITON_INTERPRET=0 for the GPU tier"
 
@@ -149,6 +151,33 @@ def test_ddim_inversion_step_every_backend(B, shape, dtype):
         out = fastinpo.ddim_inversion_step(*dev, backend=backend)
         assert out.dtype == dtype and out.device.type == DEVICE
         assert_matches(out.cpu(), e, dtype=dtype, plain=plain, what=f"{backend} ddim step {dtype} B={B} {shape}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("B,shape", [(1, SD35), (4, SD35), (3, (3, 37, 53))])
+def test_flow_euler_step_every_backend(B, shape, dtype):
+    """x + Δσ v with per-sample Δσ (InPO-for-flows level gaps, clipped and negative steps) by SPEC §6's rule: the
+    error against float64 at most twice plain PyTorch's in the same dtype plus FLOOR_ULPS float32 ulps of the
+    terms |x| + |Δσ v| (x + Δσ v may cancel, where a relative-to-the-result rule would not be fair)."""
+    from fastinpo.ops.flow import FlowSchedule, flow_inpo_levels
+
+    n = 2 * B
+    g = torch.Generator().manual_seed(B + 50)
+    x = torch.randn(n, *shape, generator=g).to(dtype)
+    v = (1.5 * torch.randn(n, *shape, generator=g)).to(dtype)
+    gaps = flow_inpo_levels(FlowSchedule.sd3(), 10).sigmas.diff()
+    pool = torch.cat([gaps, -gaps, 0.37 * gaps])
+    d = pool[torch.randint(0, pool.numel(), (n,), generator=g)]
+    e = reference.flow_euler_step(x.double(), v.double(), d.double())
+    dev = [t.to(DEVICE) for t in (x, v, d)]
+    plain = fastinpo.flow_euler_step(*dev, backend="reference").cpu()
+    terms = x.double().abs() + d.double().abs().view(-1, *([1] * len(shape))) * v.double().abs()
+    floor = ulp_floor(terms.max(), dtype)
+    for backend in backends("flow_euler_step"):
+        _assert_backend_runs("flow_euler_step", backend, dev)
+        out = fastinpo.flow_euler_step(*dev, backend=backend)
+        assert out.dtype == dtype and out.device.type == DEVICE
+        assert_spec_rule(out.cpu(), e, plain, floor=floor, what=f"{backend} Euler step {dtype} B={B} {shape}")
 
 
 @pytest.mark.skipif(not CUDA, reason="a second CUDA stream needs CUDA")

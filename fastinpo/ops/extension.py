@@ -1,10 +1,11 @@
-"""The optional compiled extension ``fastinpo._C``: loading it, and the ``"ext"`` backend of the inversion step.
+"""The optional compiled extension ``fastinpo._C``: loading it, and the ``"ext"`` backend of the inversion step and of
+the flow Euler step.
 
 ``import fastinpo`` never imports the extension (house rule 3): :func:`load` does, the first time the dispatcher
 registers the fast paths (or a caller asks). A missing or broken build gives ``None`` and a reason
 (:func:`load_error`), never an ImportError at import time.
 
-The extension registers two ops with torch's dispatcher (schemas and semantics: ``csrc/ops.cpp``):
+The extension registers three ops with torch's dispatcher (schemas and semantics: ``csrc/ops.cpp``):
 
 - ``torch.ops.fastinpo.ddim_inversion_step(x, eps, alphas_cumprod, t_from, t_to, alpha_init, active=None,
   noise=None, noise_scale=None, cfg_scale=None)``: the whole ``[winners; losers]`` batch in one pass, per-sample
@@ -13,9 +14,12 @@ The extension registers two ops with torch's dispatcher (schemas and semantics: 
 - ``torch.ops.fastinpo.ddim_inversion_step_alphas(x, eps, alpha_from, alpha_to, ...)``: the same step with
   per-sample ᾱ values instead of a table, i.e. the signature of :func:`fastinpo.ops.reference.ddim_inversion_step`;
   :func:`ddim_inversion_step_ext` (the dispatcher's ``"ext"`` implementation) calls it directly, with no
-  per-call table to build.
+  per-call table to build;
+- ``torch.ops.fastinpo.flow_euler_step(x, v, d_sigma)``: the Euler step of a flow model (SPEC §7),
+  ``x + Δσ_i v`` with per-sample ``Δσ`` — the same CPU / CUDA kernels with ``c1 = 1``, ``c2 = Δσ``
+  (:func:`flow_euler_step_ext`, the dispatcher's ``"ext"`` implementation of ``flow_euler_step``).
 
-Both do float32 math on float32 / float16 / bfloat16 storage and return ``x``'s dtype. float64 stays on the
+All do float32 math on float32 / float16 / bfloat16 storage and return ``x``'s dtype. float64 stays on the
 reference backend (the kernels would round it to float32).
 """
 
@@ -119,6 +123,18 @@ def ddim_inversion_step_ext(
     return out.to(out_dtype)
 
 
+def flow_euler_step_ext(x: torch.Tensor, v: torch.Tensor, d_sigma: torch.Tensor) -> torch.Tensor:
+    """:func:`fastinpo.ops.reference.flow_euler_step` on the extension (same signature, same result within the
+    float32 tolerance): ``x_next = x + Δσ * v`` with ``d_sigma`` ``(n,)`` read as float32. If ``x`` and ``v`` have
+    different dtypes (a bf16 state with a float32 velocity) both are read as float32, and the result has ``x``'s
+    dtype, as the reference's."""
+    ops = _ops()
+    out_dtype = x.dtype
+    if v.dtype != x.dtype:
+        x, v = x.to(torch.float32), v.to(torch.float32)
+    return ops.flow_euler_step(x, v, d_sigma.to(torch.float32)).to(out_dtype)
+
+
 def ddim_inversion_step_batched(
     x: torch.Tensor,
     eps: torch.Tensor,
@@ -173,8 +189,27 @@ def can_run(tensors: Sequence[torch.Tensor]) -> str | None:
     return available_reason(tensors)
 
 
+def _has_op(name: str) -> bool:
+    """True if the loaded ``fastinpo._C`` defines ``torch.ops.fastinpo.<name>`` (an older build may not)."""
+    try:
+        getattr(torch.ops.fastinpo, name)
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def flow_can_run(tensors: Sequence[torch.Tensor]) -> str | None:
+    """:func:`can_run` for ``flow_euler_step``, which also needs a build recent enough to have the op: an
+    extension built before it was added still loads, and the automatic choice must then skip it."""
+    reason = available_reason(tensors)
+    if reason is None and not _has_op("flow_euler_step"):
+        return ("fastinpo._C was built before flow_euler_step was added (no torch.ops.fastinpo.flow_euler_step); "
+                "rebuild it: pip install --no-build-isolation -e .")
+    return reason
+
+
 def register() -> None:
-    """Register ``"ext"`` as an implementation of ``ddim_inversion_step`` (idempotent).
+    """Register ``"ext"`` as an implementation of ``ddim_inversion_step`` and ``flow_euler_step`` (idempotent).
 
     Registered even when the extension is not built, so that ``backend="ext"`` says why it cannot run instead
     of "not implemented". The automatic choice prefers triton, then ext, then the reference.
@@ -185,4 +220,5 @@ def register() -> None:
     from fastinpo.ops import dispatch
 
     dispatch.register("ddim_inversion_step", "ext", ddim_inversion_step_ext, can_run)
+    dispatch.register("flow_euler_step", "ext", flow_euler_step_ext, flow_can_run)
     _registered = True

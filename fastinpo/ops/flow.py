@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -67,10 +67,21 @@ class FlowSchedule:
     sigmas: torch.Tensor
     timesteps: torch.Tensor
     shift: float
+    _device_tables: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def num_train_timesteps(self) -> int:
         return int(self.sigmas.shape[0])
+
+    def tables(self, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(sigmas, timesteps)`` on ``device``, cached per device: a training loop copies them once (a
+        host-to-device copy each step would be a host sync in the hot loop)."""
+        key = torch.device(device)
+        cached = self._device_tables.get(key)
+        if cached is None:
+            cached = (self.sigmas.to(key), self.timesteps.to(key))
+            self._device_tables[key] = cached
+        return cached
 
     @classmethod
     def from_config(cls, config) -> FlowSchedule:
@@ -118,7 +129,7 @@ class FlowSchedule:
         """``σ_i`` of integer ``indices`` (any shape, values in ``[0, T)``), float32 on ``indices``' device."""
         if indices.is_floating_point():
             raise TypeError(f"indices must be an integer tensor, got {indices.dtype}")
-        return self.sigmas.to(indices.device)[indices]
+        return self.tables(indices.device)[0][indices]
 
 
 # ----------------------------------------------------------------------------------------------- density
@@ -214,12 +225,8 @@ def sample_flow_sigmas(
                      device=device, generator=generator)
     T = schedule.num_train_timesteps
     indices = (u * T).long().clamp(0, T - 1)
-    return FlowTimesteps(
-        u=u,
-        indices=indices,
-        sigmas=schedule.sigmas.to(u.device)[indices],
-        timesteps=schedule.timesteps.to(u.device)[indices],
-    )
+    sigmas, timesteps = schedule.tables(u.device)
+    return FlowTimesteps(u=u, indices=indices, sigmas=sigmas[indices], timesteps=timesteps[indices])
 
 
 # ----------------------------------------------------------------------------------------------- noising, target
@@ -305,9 +312,12 @@ class FlowInPOLevels:
 
     def num_steps(self, sigma_t: torch.Tensor) -> torch.Tensor:
         """Euler steps (= policy calls) of a pair at ``sigma_t`` (any shape): ``#{k < K : g_k < σ_t}``, in
-        ``[1, K]`` for ``σ_t`` in (0, 1]."""
-        src = self.sigmas[:-1].to(device=sigma_t.device)
-        return (src.view(*([1] * sigma_t.dim()), -1) < sigma_t.to(torch.float32).unsqueeze(-1)).sum(-1)
+        ``[1, K]`` for ``σ_t`` in (0, 1]. Compared in float32 (float64 for a float64 ``sigma_t``): the one
+        definition :func:`flow_inpo_invert` uses (on σ_t in its state's precision: float32, float64 for float64
+        latents), so a caller that plans calls ahead (ZeRO-3 lockstep) gets the inversion's own counts."""
+        dtype = torch.promote_types(sigma_t.dtype, torch.float32)
+        src = self.sigmas[:-1].to(device=sigma_t.device, dtype=dtype)
+        return (src.view(*([1] * sigma_t.dim()), -1) < sigma_t.to(dtype).unsqueeze(-1)).sum(-1)
 
 
 def flow_inpo_levels(schedule: FlowSchedule, num_levels: int = 10) -> FlowInPOLevels:
@@ -446,9 +456,7 @@ def flow_inpo_invert(
     if bool(bad.any()):
         raise ValueError(f"sigma_t must lie in (0, 1], got values such as {sig_host[bad][:4].tolist()}")
     g = levels.sigmas.to(acc)
-    g_host = g.tolist()
-    K = levels.num_levels
-    counts = [sum(1 for k in range(K) if g_host[k] < s) for s in sig_host.tolist()]
+    counts = levels.num_steps(sig_host).tolist()
 
     # Prefix layout: pairs sorted by decreasing step count (stable), each pair's winner and loser side by side,
     # so the samples active at step k are the first 2 * n_k rows — a view, no gather, for every model call.
