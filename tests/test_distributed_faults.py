@@ -97,12 +97,17 @@ def test_a_peer_that_stops_answering_fails_within_the_timeout():
     """Both ranks join; rank 1 then stops answering. Rank 0's metrics all-reduce fails after distributed.timeout_s
     with the rank and the collective it waited on (not DeepSpeed's default 10 silent minutes)."""
     port = _free_port()
+    started = time.monotonic()
     waiting, hanging = _start("reduce", 0, 2, port), _start("hang", 1, 2, port)
     try:
         out, err = waiting.communicate(timeout=TIMEOUT_S * 3 + IMPORT_SLACK_S + 60)
+        elapsed = time.monotonic() - started
     finally:
         hanging.kill()
         hanging.communicate()
+    # the hanging rank sleeps 6 x the timeout: rank 0 must give up well before that
+    assert elapsed < TIMEOUT_S + IMPORT_SLACK_S, elapsed
+    print(f"collective timeout reported after {elapsed:.1f} s (timeout {TIMEOUT_S} s)")
     assert "joined rank 0" in out, err[-3000:]
     assert waiting.returncode != 0
     assert "rank 0 of 2 waited distributed.timeout_s = 5 s on the all-reduce of the logged metrics" in err, (
