@@ -145,6 +145,12 @@ class DistributedConfig:
     inversion_copy: Literal["none", "bfloat16", "float32"] = _f(
         "none", "InPO: invert with a replicated copy of the policy, refreshed after each optimizer step, instead "
         "of all-gathering the ZeRO-3 policy at every inversion call")
+    socket_ifname: str | None = _f(
+        None, "network interface for gloo/NCCL (sets GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME, e.g. 'eth0'); "
+        "default: the one the hostname resolves to (loopback on some clusters: the other node then never connects)")
+    timeout_s: float = _f(
+        300.0, "seconds a rank waits for its peers (process-group start-up and every collective) before failing "
+        "with a message naming the rank and what it waited on")
 
 
 @dataclass
@@ -185,6 +191,8 @@ class Config:
         if dist.backend == "none" and (dist.reference != "replicated" or dist.inversion_copy != "none"):
             problems.append("distributed.reference and distributed.inversion_copy apply only with "
                             "distributed.backend = 'deepspeed'")
+        if dist.timeout_s <= 0:
+            problems.append(f"distributed.timeout_s must be > 0, got {dist.timeout_s}")
         if dist.reference == "sharded" and self.lora.rank > 0:
             problems.append("distributed.reference = 'sharded' with LoRA: LoRA has no reference copy (the reference "
                             "is the policy with its adapters disabled); leave it 'replicated'")

@@ -73,6 +73,14 @@ class Engine(ABC):
         """Wait for every rank (nothing to wait for in one process)."""
         return None  # default: nothing to do
 
+    def check_output_dir(self, out_dir: Path) -> None:
+        """Refuse an output folder that is not the same on every rank (nothing to check in one process)."""
+        return None  # default: nothing to do
+
+    def check_resume_point(self, resume_from: Path | None) -> None:
+        """Refuse to resume unless every rank found the same complete checkpoint (one process: nothing to do)."""
+        return None  # default: nothing to do
+
     # ------------------------------------------------------------------------------------------- set-up
     @abstractmethod
     def wrap(self, unet, schedule, pairs_per_step: int) -> None:

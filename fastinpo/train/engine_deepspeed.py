@@ -16,8 +16,20 @@ Launch with ``torchrun --nproc_per_node N -m fastinpo.cli train CONFIG`` (or the
 - Data: rank r of W takes its own slice of every global batch (:class:`PairStream`); with all randomness per
   pair, a W-rank run with B pairs per rank is the same training as one process with W·B pairs per micro-batch.
 - Gradients go through ``engine.backward`` (also for methods that back-propagate themselves, via
-  ``Models.backward``); ``engine.step`` is called after every micro-batch and updates at the accumulation
-  boundary. DeepSpeed skips a step whose gradient norm is not finite, in every precision.
+  ``Models.backward``, several times per micro-batch). ZeRO-3 counts micro-batches itself (``engine.step``
+  after every micro-batch, an update at the accumulation boundary). ZeRO-0/1/2 run with DeepSpeed's unmanaged
+  accumulation (``managed_gradient_accumulation = false``: every ``engine.backward`` accumulates, the one
+  ``engine.step`` per optimizer step is the boundary): with managed accumulation, stage 2 rebuilds the reduced
+  gradient partition from the *current* backward at each backward of the boundary micro-batch, so a method that
+  back-propagates N times per micro-batch (Inversion-DPO's memory-light gradient) lost all but part of its
+  gradient (measured on 2 ranks with 2 backward calls: max error 0.55 on a gradient of ~1; unmanaged: 1e-7).
+  DeepSpeed skips a step whose gradient norm is not finite, in every precision.
+- ``zero_optimization.memory_efficient_linear`` is always false: at stage 3 DeepSpeed otherwise replaces
+  ``torch.nn.functional.linear`` *for the whole process* by a wrapper that computes ``x @ W.T`` and adds the
+  bias in a second rounding, which in fp16/bf16 moves every frozen half-precision module (reference UNet,
+  inversion copy, VAE, text encoders) by up to ~1e-2 and the step-1 DPO loss by ~4e-2.
+  :func:`build_engine` also checks after ``deepspeed.initialize`` that ``torch.nn.functional.linear`` is torch's
+  own and restores it if anything replaced it.
 - Metrics: one all-reduce per logging step, rank 0 writes. Checkpoints: every rank writes its shards into one
   temporary folder, rank 0 adds ``state.json`` and renames it after a barrier (same atomic contract as
   :mod:`fastinpo.train.checkpoint`). Export: consolidated ``unet/`` or LoRA weights, gathered on rank 0.
@@ -25,12 +37,14 @@ Launch with ``torchrun --nproc_per_node N -m fastinpo.cli train CONFIG`` (or the
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +99,11 @@ def init_distributed(config: Config) -> DistEnv:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
+    dist = config.distributed
+    if dist.socket_ifname:
+        # gloo and NCCL otherwise pick the interface the hostname resolves to: loopback on many clusters, where
+        # the first node fails at once and the other waits for a peer that can never connect
+        os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = dist.socket_ifname
     if not torch.distributed.is_initialized():
         # a single process started without a launcher still gets a (1-rank) group: DeepSpeed needs one
         os.environ.setdefault("RANK", "0")
@@ -92,8 +111,39 @@ def init_distributed(config: Config) -> DistEnv:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
-        deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                                       timeout=timedelta(seconds=dist.timeout_s))
+        except Exception as err:  # noqa: BLE001 - re-raised with what a cluster user needs to know
+            raise RuntimeError(startup_failure_message(err, dist.timeout_s)) from err
     return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+def startup_failure_message(err: BaseException, timeout_s: float) -> str:
+    """Why joining the process group failed, with the likely causes on a cluster (the launcher's error alone is
+    a bare store timeout)."""
+    env = {k: os.environ.get(k, "unset") for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                                                   "GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    return (f"rank {env['RANK']} of {env['WORLD_SIZE']} could not join the process group within "
+            f"distributed.timeout_s = {timeout_s:g} s (MASTER_ADDR={env['MASTER_ADDR']}, "
+            f"MASTER_PORT={env['MASTER_PORT']}, GLOO_SOCKET_IFNAME={env['GLOO_SOCKET_IFNAME']}, "
+            f"NCCL_SOCKET_IFNAME={env['NCCL_SOCKET_IFNAME']}). Likely causes: a peer rank never started or "
+            "died; the hostname resolves to 127.0.0.1 so gloo/NCCL listen on loopback (set "
+            "distributed.socket_ifname to the interface the nodes share, e.g. eth0 — `ip -br addr` lists them); "
+            "MASTER_ADDR is not reachable from this node or the port is firewalled. "
+            f"Original error: {type(err).__name__}: {str(err)[:500]}")
+
+
+def collective_timeout_message(err: BaseException, rank: int, world_size: int, waited_on: str,
+                               timeout_s: float) -> str | None:
+    """A clear message when ``err`` is a collective that timed out (None for any other error)."""
+    text = str(err)
+    if "timed out" not in text.lower() and "timeout" not in text.lower():
+        return None
+    return (f"rank {rank} of {world_size} waited distributed.timeout_s = {timeout_s:g} s on {waited_on} and "
+            "gave up: another rank died, hangs, or the network link between the nodes is down (the first rank "
+            "to fail usually names the real cause; resume with --resume latest once all ranks can run). "
+            f"Original error: {type(err).__name__}: {text[:500]}")
 
 
 # ----------------------------------------------------------------------------------------------- DeepSpeed config
@@ -162,6 +212,15 @@ def fill_deepspeed_config(config: Config, preset: dict[str, Any], world_size: in
     else:
         raise ValueError(f"optim.optimizer = {o.optimizer!r} is not supported with distributed.backend = "
                          "'deepspeed'; use 'adamw' or 'adafactor'")
+    # always false: at stage 3 DeepSpeed would replace torch.nn.functional.linear process-wide by a wrapper that
+    # rounds twice in fp16/bf16 and moves every frozen half-precision module (see the module docstring)
+    _fill(ds, ("zero_optimization", "memory_efficient_linear"), False,
+          "fastinpo (frozen half-precision modules must compute exactly as in one process)")
+    # ZeRO-0/1/2: the caller owns the accumulation boundary (one engine.step per optimizer step), so several
+    # engine.backward calls per micro-batch accumulate; ZeRO-3 accumulates them correctly itself and keeps the
+    # managed counter (see the module docstring)
+    _fill(ds, ("managed_gradient_accumulation",), zero_stage(ds) == 3,
+          "fastinpo (several backward calls per micro-batch need unmanaged accumulation below ZeRO-3)")
     ds.setdefault("steps_per_print", 10**9)  # the trainer logs; DeepSpeed's own prints would interleave
     ds.setdefault("wall_clock_breakdown", False)
     return ds
@@ -258,6 +317,19 @@ class DistributedModels:
                 target[name].copy_(full)
 
 
+def ensure_torch_linear() -> bool:
+    """Make ``torch.nn.functional.linear`` torch's own again if DeepSpeed's ZeRO-3 memory-efficient wrapper (or
+    anything else DeepSpeed installed) replaced it process-wide; True when something had to be restored. The
+    wrapper rounds ``x @ W.T`` and the bias addition separately, which changes fp16/bf16 frozen modules."""
+    from deepspeed.runtime.zero.linear import zero3_linear_wrap
+
+    current = torch.nn.functional.linear
+    if current is zero3_linear_wrap or getattr(current, "__module__", "").startswith("deepspeed"):
+        torch.nn.functional.linear = torch._C._nn.linear  # what torch.nn.functional defines linear as
+        return True
+    return False
+
+
 def _ds_forward_dtype(ds: dict) -> torch.dtype:
     if ds.get("bf16", {}).get("enabled") is True:
         return torch.bfloat16
@@ -289,7 +361,7 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
             ref_ds = {"train_micro_batch_size_per_gpu": ds["train_micro_batch_size_per_gpu"],
                       "gradient_accumulation_steps": ds["gradient_accumulation_steps"],
                       "train_batch_size": ds["train_batch_size"],
-                      "zero_optimization": {"stage": 3, **zero},
+                      "zero_optimization": {"stage": 3, **zero, "memory_efficient_linear": False},
                       "bf16": {"enabled": ref_dtype == torch.bfloat16},
                       "fp16": {"enabled": ref_dtype == torch.float16, "auto_cast": False},
                       "steps_per_print": 10**9}
@@ -322,6 +394,13 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
     engine, _, _, _ = deepspeed.initialize(
         model=unet, model_parameters=[p for _, p in trainable], optimizer=client_optimizer, config=ds,
         lr_scheduler=lambda opt: build_lr_scheduler(config, opt))
+    # memory_efficient_linear is false in every config built here; a preset path, a DeepSpeed version that
+    # ignores the key, or an earlier engine in this process must not leave the frozen modules on DeepSpeed's
+    # twice-rounding linear either
+    if ensure_torch_linear() and env.is_main:
+        print("fastinpo: DeepSpeed had replaced torch.nn.functional.linear process-wide (ZeRO-3 "
+              "memory_efficient_linear); restored torch's own so that frozen fp16/bf16 modules compute as in one "
+              "process", flush=True)
     module = engine.module
     fwd_dtype = _ds_forward_dtype(ds)
     lockstep = None
@@ -422,13 +501,83 @@ class DeepSpeedEngine(Engine):
     def label(self) -> str:
         return f" x{self.world_size}"
 
+    @contextlib.contextmanager
+    def waiting_on(self, what: str):
+        """Collectives inside fail after distributed.timeout_s with the rank and ``what`` it waited on."""
+        try:
+            yield
+        except RuntimeError as err:
+            message = collective_timeout_message(err, self.rank, self.world_size, what,
+                                                 self.config.distributed.timeout_s)
+            if message is None:
+                raise
+            raise RuntimeError(message) from err
+
     def barrier(self) -> None:
-        self.env.barrier()
+        with self.waiting_on("a barrier (the other ranks' checkpoint, export or start-up)"):
+            self.env.barrier()
 
     def wrap(self, unet, schedule, pairs_per_step: int) -> None:
         # the optimizer and its learning rate (scaled by pairs_per_step with optim.scale_lr) are in self.ds
         self.models = build_engine(self.config, unet, self.env, self.ds, schedule)
         self.engine = self.models.engine
+
+    def check_output_dir(self, out_dir: Path) -> None:
+        """Every rank must see the same output folder (checkpoint shards of all ranks go there): rank 0 writes a
+        token file, every rank reads it. A folder on each node's own disk would otherwise hold only some ranks'
+        shards, and a resume would desynchronise the ranks."""
+        if self.world_size == 1:
+            return
+        import secrets
+        import socket
+
+        with self.waiting_on("the shared-output-folder check at start-up"):
+            token = [secrets.token_hex(8) if self.is_main else None]
+            torch.distributed.broadcast_object_list(token, src=0)
+            path = out_dir / f".fastinpo-shared-check-{token[0]}"
+            if self.is_main:
+                path.write_text(token[0])
+            self.env.barrier()
+            seen = path.is_file() and path.read_text() == token[0]
+            everyone: list[Any] = [None] * self.world_size
+            torch.distributed.all_gather_object(everyone, (seen, socket.gethostname()))
+            self.env.barrier()
+            if self.is_main:
+                path.unlink(missing_ok=True)
+        blind = [f"rank {r} on {host}" for r, (ok, host) in enumerate(everyone) if not ok]
+        if blind:
+            raise RuntimeError(
+                f"train.output_dir = {str(out_dir)!r} is not the same folder on every rank: {', '.join(blind)} "
+                "cannot see the file rank 0 wrote there. Checkpoints hold one shard per rank, so every node must "
+                "write to one shared file system (NFS, Lustre, ...): point train.output_dir at a shared path.")
+
+    def check_resume_point(self, resume_from: Path | None) -> None:
+        """Before loading: every rank found the same complete checkpoint (the same ``state.json``, and its own
+        shard files), or none of them did — otherwise loading would desynchronise the ranks into a timeout."""
+        if self.world_size == 1:
+            return
+        import hashlib
+
+        mine: tuple[Any, ...] = (None, None, True)
+        if resume_from is not None:
+            state = resume_from / "state.json"
+            digest = hashlib.sha256(state.read_bytes()).hexdigest()[:16] if state.is_file() else "no state.json"
+            own = any(f"zero_pp_rank_{self.rank}_" in f.name for f in (resume_from / DS_TAG).glob("*")) if (
+                resume_from / DS_TAG).is_dir() else False
+            mine = (resume_from.name, digest, own)
+        everyone: list[Any] = [None] * self.world_size
+        with self.waiting_on("the resume-point check (every rank's checkpoint)"):
+            torch.distributed.all_gather_object(everyone, mine)
+        found = {(name, digest) for name, digest, _ in everyone}
+        missing = [r for r, (_, _, own) in enumerate(everyone) if not own]
+        if len(found) > 1 or missing:
+            per_rank = "; ".join(f"rank {r}: {name or 'no checkpoint'}"
+                                 f"{'' if own else ' (its shard files are missing)'}"
+                                 for r, (name, _, own) in enumerate(everyone))
+            raise RuntimeError(
+                f"the ranks did not find the same complete checkpoint to resume from ({per_rank}). Every rank "
+                "must see one shared train.output_dir holding every rank's shards; resume from a checkpoint that "
+                "all ranks can read (--resume PATH).")
 
     def write_settings(self, out_dir: Path) -> None:
         (out_dir / "deepspeed_config.json").write_text(json.dumps(self.ds, indent=2))
@@ -437,14 +586,25 @@ class DeepSpeedEngine(Engine):
         if self.models.lockstep is not None:
             self.models.lockstep.begin(batch.positions.tolist())
 
+    @property
+    def managed_accumulation(self) -> bool:
+        """ZeRO-3: DeepSpeed counts micro-batches (``engine.step`` after each); below: one ``engine.step`` per
+        optimizer step is the boundary (see the module docstring)."""
+        return bool(self.ds.get("managed_gradient_accumulation", True))
+
     def backward(self, out, scale: float) -> None:
-        if not out.backward_done:
-            # the loop scales by 1/grad_accum itself (as the methods that back-propagate themselves do), so
-            # DeepSpeed must not scale again
-            self.engine.backward(out.loss * scale, scale_wrt_gas=False)
-        self.engine.step()  # updates only at the accumulation boundary (the last micro-batch of the step)
+        with self.waiting_on("the gradient reduction of a backward pass"):
+            if not out.backward_done:
+                # the loop scales by 1/grad_accum itself (as the methods that back-propagate themselves do), so
+                # DeepSpeed must not scale again
+                self.engine.backward(out.loss * scale, scale_wrt_gas=False)
+            if self.managed_accumulation:
+                self.engine.step()  # updates only at the accumulation boundary (the last micro-batch of the step)
 
     def step(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.managed_accumulation:
+            with self.waiting_on("the optimizer step (gradient norm and parameter all-gather)"):
+                self.engine.step()  # the boundary: reduces what every backward of the step accumulated, updates
         norm = self.engine.get_global_grad_norm()
         grad_norm = torch.as_tensor(float("nan") if norm is None else norm, dtype=torch.float32, device=self.device)
         # DeepSpeed skipped the update iff the global gradient norm is not finite; a non-finite loss on any rank
@@ -459,7 +619,8 @@ class DeepSpeedEngine(Engine):
             return stacked
         # every rank logs the same keys the same number of times, so the mean over ranks of per-rank means is
         # the mean over the global batch
-        torch.distributed.all_reduce(stacked)
+        with self.waiting_on("the all-reduce of the logged metrics"):
+            torch.distributed.all_reduce(stacked)
         return stacked / self.world_size
 
     def checkpoint_state(self) -> dict[str, Any]:

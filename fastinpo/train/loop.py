@@ -211,7 +211,9 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
         out_dir.mkdir(parents=True, exist_ok=True)
         removed = ckpt.remove_partial(out_dir)
     engine.barrier()  # no rank looks for checkpoints while rank 0 removes partial ones
+    engine.check_output_dir(out_dir)
     resume_from = ckpt.resolve_resume(out_dir, resume)
+    engine.check_resume_point(resume_from)
     if resume_from is None and resume is not None and resume != "latest":
         raise FileNotFoundError(f"no checkpoint at {resume}")
     if resume_from is None and resume == "latest" and engine.is_main:
