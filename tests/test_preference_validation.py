@@ -1,0 +1,111 @@
+"""Preference validation in the trainer (fastinpo/train/preference_validation.py): the held-out split, metrics
+for every method, validation never changing training, keep-best, early stopping, export of a chosen checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from fastinpo.config import load_config
+from fastinpo.data import validation_split
+from fastinpo.train import checkpoint as ckpt
+from fastinpo.train import train
+
+VAL_KEYS = ("val_loss", "val_implicit_acc", "val_reward_margin", "val_model_ref_gap", "val_seconds")
+
+
+@pytest.fixture(scope="module")
+def pairs_dir(tmp_path_factory):
+    """40 synthetic pairs (ties included): enough for a held-out split on both sides."""
+    from fastinpo.data.pickapic import synthetic_rows, write_pickapic_parquet
+
+    root = tmp_path_factory.mktemp("valpairs")
+    write_pickapic_parquet(root / "train-00000.parquet", synthetic_rows(40, 40, seed=3))
+    return root
+
+
+def _config(pipeline, data, out, method="diffusion-dpo", *extra):
+    over = [f"model.path={pipeline}", f"data.path={data}", "data.resolution=32", f"method.name={method}",
+            "train.max_steps=4", "train.pairs_per_batch=2", f"train.output_dir={out}", "train.log_every=1",
+            "train.progress=false", "optim.lr=1e-3", "optim.scale_lr=false", "method.num_steps=3",
+            "method.inversion_levels=4", "data.caption_dropout=0.5", "data.validation_fraction=0.25",
+            "data.validation_max_pairs=5", "train.checkpoint_every=0"]
+    if method == "inversion-dpo":
+        over += ["data.caption_dropout=0.0", "method.symmetry_breaking=reference-dtype",
+                 "model.reference_dtype=bfloat16"]
+    return load_config(None, over + list(extra))
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_split_is_a_fixed_partition_by_row_hash():
+    rows = list(range(1000))
+    train_idx, held = validation_split.split(rows, 0.1)
+    assert not set(train_idx) & set(held) and len(train_idx) + len(held) == 1000
+    assert 60 < len(held) < 140  # ~10%; a hash, so not exactly
+    # the same rows whatever else is in the source, the first held out in hash order whatever the source's size
+    _, held_small = validation_split.split(rows[:500], 0.1)
+    assert {rows[i] for i in held_small} == {r for r in rows[:500] if validation_split.is_held_out(r, 0.1)}
+    assert validation_split.split(rows, 0.0) == (rows, [])
+
+
+def test_validation_never_changes_training(tiny_pipelines, pairs_dir, tmp_path):
+    """Same run with and without validation every step: bit-identical training losses and weights; the
+    validations of a run differ only by the weights (step-0 draws are fixed: two validations of the same weights
+    agree exactly)."""
+    off = train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path / "off", "inpo"))
+    on = train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path / "on", "inpo", "train.validate_every=1"))
+    train_rows = {name: [r for r in _rows(tmp_path / name) if "loss" in r] for name in ("off", "on")}
+    assert [r["loss"] for r in train_rows["off"]] == [r["loss"] for r in train_rows["on"]]
+    assert [r["grad_norm"] for r in train_rows["off"]] == [r["grad_norm"] for r in train_rows["on"]]
+    w_off, w_on = load_file(off["checkpoint"] + "/" + ckpt.WEIGHTS), load_file(on["checkpoint"] + "/" + ckpt.WEIGHTS)
+    assert all(torch.equal(w_off[k], w_on[k]) for k in w_off)
+    val = [r for r in _rows(tmp_path / "on") if "val_loss" in r]
+    assert [r["step"] for r in val] == [1, 2, 3, 4]
+    assert all(r["val_pairs"] == 5 for r in val)
+    assert len({r["val_loss"] for r in val}) == 4  # the weights move, so do the metrics
+    assert "validation" in on and "validation" not in off
+
+
+@pytest.mark.parametrize("method", ["sft", "diffusion-dpo", "inpo", "inversion-dpo"])
+def test_every_method_validates(method, tiny_pipelines, pairs_dir, tmp_path):
+    train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path, method, "train.validate_every=2",
+                  "train.max_steps=2"))
+    val = [r for r in _rows(tmp_path) if "val_loss" in r]
+    assert [r["step"] for r in val] == [2]
+    for k in VAL_KEYS:
+        assert torch.isfinite(torch.tensor(val[0][k])), k
+    assert 0 <= val[0]["val_implicit_acc"] <= 1
+    assert val[0]["val_model_ref_gap"] > 0  # two steps at lr 1e-3 moved the policy off its reference
+    if method == "sft":
+        assert val[0]["val_dpo_loss"] > 0
+    # TensorBoard has the validation scalars
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert "val_implicit_acc" in acc.Tags()["scalars"]
+
+
+def test_validation_source_path(tiny_pipelines, pairs_dir, pickapic_dir, tmp_path):
+    config = _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "diffusion-dpo", "data.validation_fraction=0",
+                     f"data.validation_path={pickapic_dir}", "train.validate_every=2", "train.max_steps=2")
+    summary = train(config)
+    assert summary["pairs"] == 32  # all training pairs of pairs_dir (ties dropped): nothing held out
+    val = [r for r in _rows(tmp_path) if "val_loss" in r]
+    assert val[0]["val_pairs"] == 5
+
+
+def test_bad_validation_settings_are_refused(tiny_pipelines, pairs_dir, tmp_path):
+    with pytest.raises(ValueError, match="train.validate_every needs validation pairs"):
+        _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "inpo", "data.validation_fraction=0",
+                "train.validate_every=2")
+    with pytest.raises(ValueError, match="set train.validate_every"):
+        _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "inpo", "train.keep_best=val_loss")
+    with pytest.raises(ValueError, match="keep_best"):
+        _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "inpo", "train.keep_best=val_acc")
