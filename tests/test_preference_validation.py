@@ -109,3 +109,55 @@ def test_bad_validation_settings_are_refused(tiny_pipelines, pairs_dir, tmp_path
         _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "inpo", "train.keep_best=val_loss")
     with pytest.raises(ValueError, match="keep_best"):
         _config(tiny_pipelines["sd15"], pairs_dir, tmp_path, "inpo", "train.keep_best=val_acc")
+
+
+def test_keep_best_and_early_stopping(tiny_pipelines, pairs_dir, tmp_path, monkeypatch):
+    """A run whose validation peaks at step 2: the real validation runs every step, its bookkeeping sees the
+    accuracy sequence below (the tiny model's own accuracy is noise at this size); the best checkpoint survives
+    train.keep_last = 1, the run stops after the patience with a checkpoint, and `fastinpo export --checkpoint
+    best` writes the step-2 weights."""
+    from fastinpo.cli import main
+    from fastinpo.train.preference_validation import PreferenceValidator
+
+    sequence = iter([0.5, 0.9, 0.6, 0.7, 0.8, 0.95, 0.99])
+    real_update = PreferenceValidator._update
+    monkeypatch.setattr(PreferenceValidator, "_update", lambda self, step, value: real_update(self, step,
+                                                                                            next(sequence)))
+    out = tmp_path / "run"
+    summary = train(_config(tiny_pipelines["sd15"], pairs_dir, out, "diffusion-dpo", "train.max_steps=10",
+                            "train.validate_every=1", "train.keep_best=val_implicit_acc",
+                            "train.early_stopping_patience=3", "train.keep_last=1", "train.checkpoint_every=1"))
+    assert summary["stopped_early"] == {"step": 5, "best_step": 2, "metric": "val_implicit_acc",
+                                        "best_value": 0.9}
+    assert summary["step"] == 5
+    assert [s for s, _ in ckpt.list_checkpoints(out)] == [2, 5]  # keep_last = 1, plus the best
+    assert ckpt.best_checkpoint(out)[0] == 2
+    best = json.loads((out / "checkpoints" / ckpt.BEST).read_text())
+    assert best["value"] == 0.9 and best["metric"] == "val_implicit_acc"
+    assert (out / "export" / "unet").is_dir()  # an early-stopped run is finished: exported
+    assert [r["step"] for r in _rows(out) if "val_loss" in r] == [1, 2, 3, 4, 5]
+
+    assert main(["export", str(out), "--checkpoint", "best"]) == 0
+    exported = load_file(out / "export-step-00000002" / "unet" / "diffusion_pytorch_model.safetensors")
+    saved = load_file(out / "checkpoints" / "step-00000002" / ckpt.WEIGHTS)
+    assert all(torch.equal(exported[k], saved[k]) for k in saved)
+    latest = load_file(out / "checkpoints" / "step-00000005" / ckpt.WEIGHTS)
+    assert any(not torch.equal(latest[k], saved[k]) for k in saved)  # the best is not the last
+    assert main(["export", str(out), "--checkpoint", "best"]) == 2  # never replaced without --overwrite
+    assert main(["export", str(out), "--checkpoint", "step-3"]) == 2  # rotated away: a clear error
+    assert main(["export", str(out), "--checkpoint", "step-5", "--out", str(tmp_path / "e5")]) == 0
+
+
+def test_keep_best_val_loss_and_resume_continue_the_bookkeeping(tiny_pipelines, pairs_dir, tmp_path):
+    """val_loss is minimised; an interrupted run resumes its best value and patience count exactly."""
+    extra = ("train.validate_every=1", "train.keep_best=val_loss", "train.early_stopping_patience=50",
+             "train.max_steps=4")
+    full = train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path / "full", "diffusion-dpo", *extra))
+    train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path / "cut", "diffusion-dpo", *extra), stop_after=2)
+    resumed = train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path / "cut", "diffusion-dpo", *extra),
+                    resume="latest")
+    vals = [r["val_loss"] for r in _rows(tmp_path / "full") if "val_loss" in r]
+    assert full["validation"]["best_value"] == min(vals)
+    assert full["validation"]["best_step"] == 1 + vals.index(min(vals))
+    for k in ("best_value", "best_step", "since_best"):
+        assert resumed["validation"][k] == full["validation"][k]
