@@ -72,6 +72,7 @@ def test_validation_never_changes_training(tiny_pipelines, pairs_dir, tmp_path):
     assert "validation" in on and "validation" not in off
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["sft", "diffusion-dpo", "inpo", "inversion-dpo"])
 def test_every_method_validates(method, tiny_pipelines, pairs_dir, tmp_path):
     train(_config(tiny_pipelines["sd15"], pairs_dir, tmp_path, method, "train.validate_every=2",
