@@ -127,7 +127,7 @@ class TrainConfig:
     sample_every: int = _f(0, "optimizer steps between validation sample grids (0: none)")
     sample_prompts: list[str] = _f([], "prompts of the validation grid")
     max_nan_steps: int = _f(3, "consecutive non-finite losses before the run stops (with a checkpoint)")
-    validate_every: int = _f(0, "optimizer steps between preference validations on the validation pairs (0: none; needs data.validation_fraction or data.validation_path)")
+    validate_every: int = _f(0, "optimizer steps between preference validations on the validation pairs, and the last step (0: none; needs data.validation_fraction or data.validation_path)")
     keep_best: Literal["none", "val_implicit_acc", "val_loss"] = _f(
         "none", "also keep the checkpoint with the best validation metric (never removed by train.keep_last)")
     early_stopping_patience: int = _f(0, "stop after this many validations without improvement of train.keep_best's metric (val_implicit_acc if none; 0: never)")
@@ -211,7 +211,8 @@ class Config:
 
 
 def validation_problems(config: Config) -> list[str]:
-    """Why the preference-validation settings (``data.validation_*``, ``train.validate_every``,
+    """Why the preference-validation settings (``data.validation_fraction``, ``data.validation_path``,
+    ``data.validation_max_pairs``, ``train.validate_every``,
     ``train.keep_best``, ``train.early_stopping_patience``) cannot work together (empty: they can)."""
     d, t = config.data, config.train
     problems = []

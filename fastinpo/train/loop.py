@@ -349,7 +349,7 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
                 if engine.is_main:
                     print(f"fastinpo train: early stopping at step {counter.step}: {validator.metric} has not "
                           f"improved for {validator.since_best} validations (train.early_stopping_patience = "
-                          f"{validator.patience}); best {validator.best_value:.4g} at step {validator.best_step}")
+                          f"{validator.patience}); best {validator.best_value} at step {validator.best_step}")
                 break
         step = counter.step
         final = save(step)

@@ -55,6 +55,7 @@ class PreferenceValidator:
                  begin_micro_batch: Callable | None = None, saved: dict | None = None):
         t = config.train
         self.every = t.validate_every if stream.has_validation else 0
+        self.max_steps = t.max_steps
         self.stream, self.method, self.device = stream, method, device
         self.make_inputs, self.reduce = make_inputs, reduce
         self.begin_micro_batch = begin_micro_batch or (lambda batch: None)
@@ -74,7 +75,8 @@ class PreferenceValidator:
         self.improved = False
 
     def due(self, step: int) -> bool:
-        return bool(self.every) and step % self.every == 0
+        """Every ``train.validate_every`` steps, and at the run's last step (its final weights are validated)."""
+        return bool(self.every) and (step % self.every == 0 or step == self.max_steps)
 
     @property
     def should_stop(self) -> bool:
