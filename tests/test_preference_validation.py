@@ -212,3 +212,18 @@ def test_validation_on_two_ranks_equals_one_process(tiny_pipelines, pairs_dir, t
         assert a["val_implicit_acc"] == b["val_implicit_acc"]
     ds_summary = json.loads(results.read_text())["validate"]["summary"]
     assert ds_summary["validation"]["best_step"] == one["validation"]["best_step"]
+
+
+def test_export_of_latest_equals_the_runs_own_export_lora(tiny_pipelines, pairs_dir, tmp_path):
+    """`fastinpo export RUN --checkpoint latest` of a LoRA run (alpha != rank: the scale is folded in) writes the
+    same file as the run's own export of its final weights."""
+    from fastinpo.cli import main
+
+    out = tmp_path / "run"
+    train(_config(tiny_pipelines["sdxl"], pairs_dir, out, "diffusion-dpo", "lora.rank=4", "lora.alpha=8",
+                  "train.max_steps=2", "data.validation_fraction=0"))
+    assert main(["export", str(out), "--checkpoint", "latest"]) == 0
+    name = "lora/pytorch_lora_weights.safetensors"
+    a, b = load_file(out / "export" / name), load_file(out / "export-step-00000002" / name)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert main(["export", str(out), "--checkpoint", "best"]) == 2  # no keep_best: a clear error, no export

@@ -6,8 +6,10 @@ the engine's step (gradient clipping, the optimizer — a non-finite loss or gra
 device — and the LR schedule). What depends on one process or DeepSpeed ZeRO lives behind the
 :class:`~fastinpo.train.engine.Engine` chosen once from ``distributed.backend`` (:func:`make_engine`). Between
 logging steps nothing reads a device value on the host: metrics accumulate on the device and are read once per
-``log_every`` steps. Randomness is a function of (seed, micro-step), data order of (seed, position), so
-``--resume latest`` continues exactly.
+``log_every`` steps, and once per preference validation (``train.validate_every``:
+:mod:`fastinpo.train.preference_validation`, which has its own random streams, so it never changes the training).
+Randomness is a function of (seed, micro-step), data order of (seed, position), so ``--resume latest`` continues
+exactly.
 """
 
 from __future__ import annotations
