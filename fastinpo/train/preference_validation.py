@@ -63,7 +63,7 @@ class PreferenceValidator:
         self.config = dataclasses.replace(
             config, data=dataclasses.replace(config.data, caption_dropout=0.0, latent_sample=False))
         # SFT has no DPO logits of its own: the DPO view of its policy against the reference
-        self.dpo_view = DiffusionDPO(config.method, schedule) if method.name == "sft" else None
+        self.dpo_view = DiffusionDPO(config.method, schedule) if config.method.name == "sft" else None
         self.keep_best = t.keep_best if t.keep_best != "none" else None
         self.metric = self.keep_best or "val_implicit_acc"
         self.patience = t.early_stopping_patience
