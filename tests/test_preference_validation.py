@@ -206,9 +206,10 @@ def test_validation_on_two_ranks_equals_one_process(tiny_pipelines, pairs_dir, t
     for a, b in zip(ds_val, one_val, strict=True):
         assert a["val_pairs"] == b["val_pairs"] == 5  # the padding pair of the odd count has weight 0
         for k in ("val_loss", "val_reward_margin", "val_model_ref_gap"):
-            # float32: the same per-pair terms summed in another order; the weights after 1e-3-lr steps agree
-            # to ~1e-6 relative (tests/test_distributed.py)
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6), (k, a["step"])
+            # float32: after an optimizer step the 2-rank and 1-process weights differ by ~1e-6 relative
+            # (tests/test_distributed.py WEIGHT_TOL); a logit is 0.5·β·(a difference of differences of MSEs ~1),
+            # so with β = 100 that is ~1e-5 absolute on the margin (seen: 1.5e-6), near-cancelling by nature
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), (k, a["step"])
         assert a["val_implicit_acc"] == b["val_implicit_acc"]
     ds_summary = json.loads(results.read_text())["validate"]["summary"]
     assert ds_summary["validation"]["best_step"] == one["validation"]["best_step"]

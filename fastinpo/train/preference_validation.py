@@ -125,7 +125,8 @@ class PreferenceValidator:
                "val_model_ref_gap": gap / ref if ref > 0 else gap / (2 * n)}
         if self.dpo_view is not None:
             row["val_dpo_loss"] = dpo_loss / n
-        row["val_pairs"] = n
+        # (n itself was averaged over ranks with the sums — their ratios are what count — so the count is the stream's)
+        row["val_pairs"] = len(self.stream.validation_indices)
         row["val_seconds"] = time.perf_counter() - t0
         self._update(step, row[self.metric])
         return row
