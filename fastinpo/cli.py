@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``make-tiny-data``, ``cache``, ``train``, ``sample``, ``eval``, ``demo`` and ``bench``.
+``make-tiny-data``, ``cache``, ``train``, ``export``, ``sample``, ``eval``, ``demo`` and ``bench``.
 """
 
 from __future__ import annotations
@@ -204,10 +204,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fastinpo import demo
     from fastinpo.eval import evaluate, sampling
+    from fastinpo.train import export_checkpoint
 
     sampling.add_cli(sub)  # fastinpo sample
     evaluate.add_cli(sub)  # fastinpo eval
     demo.add_cli(sub)  # fastinpo demo
+    export_checkpoint.add_cli(sub)  # fastinpo export
 
     # the benchmark script parses its own options (`fastinpo bench --help` shows them)
     p = sub.add_parser("bench", add_help=False, help="training-step throughput: fastinpo vs the public-script "

@@ -65,6 +65,9 @@ class DataConfig:
     vae_slicing: bool = _f(False, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image; latents differ in the last bits from batched calls)")
     vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
+    validation_fraction: float = _f(0.0, "hold out this fraction of the source rows as preference-validation pairs (chosen by a hash of the source row, never trained on; 0: none)")
+    validation_path: str | None = _f(None, "a separate Pick-a-Pic-format source of preference-validation pairs (instead of data.validation_fraction)")
+    validation_max_pairs: int = _f(256, "use at most this many validation pairs (the first by row hash)")
 
 
 @dataclass
@@ -129,6 +132,10 @@ class TrainConfig:
     sample_every: int = _f(0, "optimizer steps between validation sample grids (0: none)")
     sample_prompts: list[str] = _f([], "prompts of the validation grid")
     max_nan_steps: int = _f(3, "consecutive non-finite losses before the run stops (with a checkpoint)")
+    validate_every: int = _f(0, "optimizer steps between preference validations on the validation pairs, and the last step (0: none; needs data.validation_fraction or data.validation_path)")
+    keep_best: Literal["none", "val_implicit_acc", "val_loss"] = _f(
+        "none", "also keep the checkpoint with the best validation metric (never removed by train.keep_last)")
+    early_stopping_patience: int = _f(0, "stop after this many validations without improvement of train.keep_best's metric (val_implicit_acc if none; 0: never)")
     progress: bool = _f(True, "show a progress bar")
 
 
@@ -207,12 +214,39 @@ class Config:
                             f"{self.method.name!r}")
         if self.method.trajectory_cache_dir:
             problems += trajectory_cache_problems(self)
+        problems += validation_problems(self)
         if problems:
             raise ValueError("invalid config:\n  " + "\n  ".join(problems))
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def validation_problems(config: Config) -> list[str]:
+    """Why the preference-validation settings (``data.validation_fraction``, ``data.validation_path``,
+    ``data.validation_max_pairs``, ``train.validate_every``,
+    ``train.keep_best``, ``train.early_stopping_patience``) cannot work together (empty: they can)."""
+    d, t = config.data, config.train
+    problems = []
+    if not 0 <= d.validation_fraction < 1:
+        problems.append(f"data.validation_fraction must be in [0, 1), got {d.validation_fraction}")
+    if d.validation_fraction > 0 and d.validation_path:
+        problems.append("give data.validation_fraction (a held-out split) or data.validation_path (a separate "
+                        "source), not both")
+    if d.validation_max_pairs < 1:
+        problems.append(f"data.validation_max_pairs must be >= 1, got {d.validation_max_pairs}")
+    for key in ("validate_every", "early_stopping_patience"):
+        if getattr(t, key) < 0:
+            problems.append(f"train.{key} must be >= 0, got {getattr(t, key)}")
+    has_pairs = d.validation_fraction > 0 or bool(d.validation_path)
+    if t.validate_every and not has_pairs:
+        problems.append("train.validate_every needs validation pairs: set data.validation_fraction (e.g. 0.05) or "
+                        "data.validation_path")
+    if (t.keep_best != "none" or t.early_stopping_patience) and not t.validate_every:
+        problems.append("train.keep_best and train.early_stopping_patience act on validations: set "
+                        "train.validate_every (and data.validation_fraction or data.validation_path)")
+    return problems
 
 
 def trajectory_cache_problems(config: Config) -> list[str]:

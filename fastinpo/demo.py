@@ -30,7 +30,7 @@ import json
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -440,18 +440,24 @@ def make_pairs(sampler: Sampler, out: Path, s: DemoSettings, seed: int, progress
 
 
 # ----------------------------------------------------------------------------------------------- phase 4: training
-def train_method(method: str, base: Path, data: Path, out: Path, s: DemoSettings, seed: int, progress: bool):
-    """One preference run through the trainer; checkpoints at ``checkpoints`` evenly spaced steps."""
+def train_method(method: str, base: Path, data: Path, out: Path, s: DemoSettings, seed: int, progress: bool, *,
+                 lr: float | None = None, validation_fraction: float = 0.0):
+    """One preference run through the trainer; checkpoints at ``checkpoints`` evenly spaced steps. ``lr`` replaces
+    ``pref_lr``; ``validation_fraction`` > 0 holds out that fraction of the pairs and validates at every checkpoint,
+    keeping the checkpoint of best validation implicit accuracy (the sweep)."""
     from fastinpo.train import train
 
     every = max(1, s.pref_steps // s.checkpoints)
+    validation = dict(data__validation_fraction=validation_fraction, train__validate_every=every,
+                      train__keep_best="val_implicit_acc") if validation_fraction > 0 else {}
     config = _train_config(
         model__path=str(base), data__path=str(data), data__resolution=RES, data__caption_dropout=s.caption_dropout,
         method__name=method, method__beta=s.beta, method__inversion_levels=s.inversion_levels, method__eta=s.eta,
-        optim__lr=s.pref_lr, optim__scale_lr=False, optim__lr_scheduler="constant", optim__warmup_steps=0,
+        optim__lr=s.pref_lr if lr is None else lr, optim__scale_lr=False, optim__lr_scheduler="constant",
+        optim__warmup_steps=0,
         train__max_steps=s.pref_steps, train__pairs_per_batch=s.pref_batch, train__output_dir=str(out),
         train__seed=seed, train__log_every=max(1, s.pref_steps // 10), train__checkpoint_every=every,
-        train__keep_last=s.checkpoints + 1, train__progress=progress)
+        train__keep_last=s.checkpoints + 1, train__progress=progress, **validation)
     t0 = time.perf_counter()
     train(config)
     return time.perf_counter() - t0
@@ -671,12 +677,221 @@ def sample_grid(seed_dir: Path, s: DemoSettings, path: Path) -> None:
     img.save(path)
 
 
+# ----------------------------------------------------------------------------------------------- the sweep
+#: the sweep's learning rates: the same for every method, spanning 10× around the demo's 1e-4
+SWEEP_LRS = (3e-5, 1e-4, 3e-4)
+SWEEP_VALIDATION_FRACTION = 0.15  # of the pair rows, held out by row hash: validation only, never trained on
+SWEEP_CHECKPOINTS = 4  # validations (= checkpoints) per run
+SWEEP_TARGET_GAIN = 0.05  # the reward gain over base whose cost (pairs seen, seconds) the report gives
+
+
+def _lr_key(lr: float) -> str:
+    return f"{lr:g}"
+
+
+def sweep_seed(out: Path, base: Path, s: DemoSettings, seed: int, lrs: tuple[float, ...], progress: bool,
+               validation_fraction: float = SWEEP_VALIDATION_FRACTION,
+               target_gain: float = SWEEP_TARGET_GAIN) -> dict[str, Any]:
+    """One seed of the sweep: pairs, every (method, lr) run with validation, the reward of every checkpoint, and
+    each method's selection — the run and checkpoint of highest validation implicit accuracy (ties: lower
+    validation loss, then the smaller lr). The reward is never used to select."""
+    from safetensors.torch import load_file
+    from tqdm.auto import tqdm
+
+    from fastinpo.train import checkpoint as ckpt
+
+    sampler = Sampler(base, s.sample_steps, s.guidance_scale)
+    t0 = time.perf_counter()
+    pairs = make_pairs(sampler, out, s, seed, progress)
+    t_pairs = time.perf_counter() - t0
+    runs: dict[str, dict[str, Any]] = {}
+    for method in METHODS:
+        for lr in lrs:
+            key = f"{method}|{_lr_key(lr)}"
+            run_dir = out / "runs" / method / f"lr-{_lr_key(lr)}"
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            if progress:
+                print(f"4 train {LABELS[method]} lr {lr:g}", flush=True)
+            seconds = train_method(method, base, Path(pairs["path"]), run_dir, s, seed, progress, lr=lr,
+                                   validation_fraction=validation_fraction)
+            rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+            val = [r for r in rows if "val_implicit_acc" in r]
+            summary = json.loads((run_dir / "summary.json").read_text())
+            runs[key] = {"method": method, "lr": lr, "dir": run_dir, "train_seconds": seconds,
+                         "validation_seconds": float(sum(r["val_seconds"] for r in val)),
+                         "validation": [{k: r[k] for k in ("step", "val_implicit_acc", "val_loss",
+                                                           "val_reward_margin", "val_model_ref_gap")} for r in val],
+                         "best_step": summary["validation"]["best_step"],
+                         "best_val_implicit_acc": summary["validation"]["best_value"],
+                         "val_pairs": val[0]["val_pairs"] if val else 0, "train_pairs": summary["pairs"]}
+    caps = [c for c in CAPTIONS for _ in range(s.eval_seeds)]
+    seeds = [k for _ in CAPTIONS for k in range(s.eval_seeds)]
+    todo: list[tuple[str, Path | None]] = [("base", None)]
+    for key, run in runs.items():
+        todo += [(f"{key}@{step}", path / ckpt.WEIGHTS) for step, path in ckpt.list_checkpoints(run["dir"])]
+    t1 = time.perf_counter()
+    rewards: dict[str, np.ndarray] = {}
+    for key, weights in tqdm(todo, desc="5 evaluate", unit="model", disable=not progress):
+        sampler.load(None if weights is None else load_file(weights))
+        rewards[key] = reward(sampler.generate(caps, seeds), caps).numpy()
+    sampler.load(None)
+    t_eval = time.perf_counter() - t1
+    base_mean = float(rewards["base"].mean())
+    curves: dict[str, dict[str, list[list[float]]]] = {m: {} for m in METHODS}
+    for key, run in runs.items():
+        steps = sorted(int(k.rsplit("@", 1)[1]) for k in rewards if k.startswith(key + "@"))
+        curves[run["method"]][_lr_key(run["lr"])] = [[0, base_mean]] + [
+            [st, float(rewards[f"{key}@{st}"].mean())] for st in steps]
+    selected: dict[str, Any] = {"base": summarize(rewards["base"], rewards["base"])}
+    for method in METHODS:
+        candidates = [r for r in runs.values() if r["method"] == method]
+
+        def rank(r):
+            at_best = next((v for v in r["validation"] if v["step"] == r["best_step"]), {"val_loss": math.inf})
+            return (-r["best_val_implicit_acc"], at_best["val_loss"], r["lr"])
+
+        choice = min(candidates, key=rank)
+        key = f"{method}|{_lr_key(choice['lr'])}"
+        result = summarize(rewards[f"{key}@{choice['best_step']}"], rewards["base"])
+        curve = curves[method][_lr_key(choice["lr"])]
+        reached = next(((st, r) for st, r in curve[1:] if r - base_mean >= target_gain), None)
+        steady = choice["train_seconds"] - choice["validation_seconds"]  # training alone, validation excluded
+        result.update(lr=choice["lr"], step=choice["best_step"], val_implicit_acc=choice["best_val_implicit_acc"],
+                      final_step_reward=curve[-1][1],
+                      to_target_gain=None if reached is None else {
+                          "step": int(reached[0]), "pairs_seen": int(reached[0]) * s.pref_batch,
+                          "seconds": steady * reached[0] / s.pref_steps})
+        selected[method] = result
+    return {"seed": seed, "pairs": pairs, "selected": selected, "reward_vs_step": curves,
+            "runs": {k: {kk: (str(v) if kk == "dir" else v) for kk, v in r.items()} for k, r in runs.items()},
+            "per_sample_rewards": {k: v.round(6).tolist() for k, v in rewards.items()},
+            "seconds": {"pairs": t_pairs, "train": {k: r["train_seconds"] for k, r in runs.items()},
+                        "validation": {k: r["validation_seconds"] for k, r in runs.items()}, "eval": t_eval}}
+
+
+def run_sweep(out_dir: str | Path, *, quick: bool = False, seeds: int = 3, progress: bool = True,
+              threads: int | None = None, settings: DemoSettings | None = None,
+              lrs: tuple[float, ...] = SWEEP_LRS) -> dict[str, Any]:
+    """``fastinpo demo --sweep``: every method with the same learning rates ``lrs`` and step budget, each
+    method's run and checkpoint selected by validation implicit accuracy on held-out pairs only; the report
+    (``sweep_report.json``, ``sweep_reward_vs_step.png``, a table) gives the selected checkpoint's reward ± s.e.,
+    its win rate vs base, reward vs step for every lr, and the pairs and seconds each method needed to reach a
+    reward gain of :data:`SWEEP_TARGET_GAIN`."""
+    previous = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        torch.manual_seed(0)
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        s = settings or replace(settings_for(quick), checkpoints=SWEEP_CHECKPOINTS)
+        t0 = time.perf_counter()
+        if progress:
+            print(f"fastinpo demo --sweep ({'quick' if quick else 'full'}, {seeds} seed(s), lrs "
+                  f"{', '.join(map(_lr_key, lrs))}) -> {out}", flush=True)
+        generator = make_base_pipeline(out, s, seed=0, progress=progress)
+        per_seed = []
+        for k in range(seeds):
+            if progress:
+                print(f"--- sweep seed {k} ({k + 1}/{seeds}) ---", flush=True)
+            per_seed.append(sweep_seed(out / f"seed-{k}", Path(generator["folder"]), s, k, tuple(lrs), progress))
+        report = {"settings": asdict(s), "quick": quick, "lrs": list(lrs),
+                  "validation_fraction": SWEEP_VALIDATION_FRACTION, "target_gain": SWEEP_TARGET_GAIN,
+                  "selection": "per method: the (lr, checkpoint) of highest validation implicit accuracy",
+                  "generator": generator, "seeds": per_seed, "aggregate": aggregate_sweep(per_seed),
+                  "threads": torch.get_num_threads()}
+        report["seconds_total"] = time.perf_counter() - t0
+        (out / "sweep_report.json").write_text(json.dumps(report, indent=1))
+        plot_sweep(report, out / "sweep_reward_vs_step.png")
+        if progress:
+            print(format_sweep_table(report), flush=True)
+        return report
+    finally:
+        torch.set_num_threads(previous)
+
+
+def aggregate_sweep(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
+    """Over seeds: the selected checkpoints' mean reward (mean ± std over seeds), gain, win rate, the lrs chosen,
+    and the pairs/seconds to the target gain (seeds that reached it)."""
+    agg: dict[str, Any] = {}
+    for m in ("base", *METHODS):
+        sel = [r["selected"][m] for r in per_seed]
+        means = np.array([x["mean"] for x in sel])
+        gains = means - np.array([r["selected"]["base"]["mean"] for r in per_seed])
+        k = len(sel)
+        agg[m] = {"mean": float(means.mean()), "std_over_seeds": float(means.std(ddof=1)) if k > 1 else 0.0,
+                  "se_over_seeds": float(means.std(ddof=1) / math.sqrt(k)) if k > 1 else 0.0,
+                  "gain_over_base": float(gains.mean()), "win_rate_vs_base": float(np.mean(
+                      [x["win_rate_vs_base"] for x in sel])), "seeds": k}
+        if m != "base":
+            reached = [x["to_target_gain"] for x in sel if x["to_target_gain"] is not None]
+            agg[m].update(lrs=[x["lr"] for x in sel], steps=[x["step"] for x in sel],
+                          reached_target=f"{len(reached)}/{k}",
+                          pairs_to_target=float(np.mean([x["pairs_seen"] for x in reached])) if reached else None,
+                          seconds_to_target=float(np.mean([x["seconds"] for x in reached])) if reached else None)
+    return agg
+
+
+def format_sweep_table(report: dict[str, Any]) -> str:
+    lines = []
+    for r in report["seeds"]:
+        lines.append(f"seed {r['seed']}: selected by validation implicit accuracy (reward ± s.e., win rate vs base)")
+        for m in ("base", *METHODS):
+            x = r["selected"][m]
+            extra = "" if m == "base" else (f"  lr {x['lr']:g} step {x['step']} val_acc {x['val_implicit_acc']:.3f}"
+                                            f"  to +{report['target_gain']}: " + (
+                                                "not reached" if x["to_target_gain"] is None else
+                                                f"{x['to_target_gain']['pairs_seen']} pairs, "
+                                                f"{x['to_target_gain']['seconds']:.0f} s"))
+            lines.append(f"  {LABELS[m]:<14} {x['mean']:>8.4f} ± {x['se']:.4f} {x['win_rate_vs_base']:>6.2f}{extra}")
+    a = report["aggregate"]
+    lines.append(f"over {len(report['seeds'])} seed(s) (mean ± s.e. over seeds)")
+    for m in ("base", *METHODS):
+        x = a[m]
+        extra = "" if m == "base" else (f"  lrs {x['lrs']}  reached +{report['target_gain']}: {x['reached_target']}"
+                                        + ("" if x["pairs_to_target"] is None else
+                                           f" ({x['pairs_to_target']:.0f} pairs, {x['seconds_to_target']:.0f} s)"))
+        lines.append(f"  {LABELS[m]:<14} {x['mean']:>8.4f} ± {x['se_over_seeds']:.4f} gain {x['gain_over_base']:+.4f}"
+                     f" win {x['win_rate_vs_base']:.2f}{extra}")
+    return "\n".join(lines)
+
+
+def plot_sweep(report: dict[str, Any], path: Path) -> None:
+    """Reward vs step, one panel per method, one line per lr (mean over seeds); the selected lrs marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(METHODS), figsize=(4 * len(METHODS), 3.2), dpi=100, sharey=True)
+    for ax, m in zip(axes, METHODS, strict=True):
+        for lr in report["lrs"]:
+            curves = np.array([r["reward_vs_step"][m][_lr_key(lr)] for r in report["seeds"]])
+            chosen = sum(r["selected"][m]["lr"] == lr for r in report["seeds"])
+            ax.plot(curves[0, :, 0], curves[:, :, 1].mean(0), "o-",
+                    label=f"lr {lr:g}" + (f" (selected {chosen}/{len(report['seeds'])})" if chosen else ""))
+        ax.set_title(LABELS[m], fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    axes[0].set_ylabel("mean reward of samples")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
 # ----------------------------------------------------------------------------------------------- CLI
 def _cmd_demo(args: argparse.Namespace) -> int:
     if args.seeds < 1:
         raise ValueError(f"--seeds must be at least 1, got {args.seeds}")
-    run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress, threads=args.threads,
-             arch=args.arch)
+    if args.sweep and args.arch != "sd15":
+        raise ValueError("--sweep runs the SD1.5 world only (no --arch sd3 sweep yet)")
+    if args.sweep:
+        run_sweep(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress, threads=args.threads)
+    else:
+        run_demo(args.out, quick=args.quick, seeds=args.seeds, progress=not args.no_progress, threads=args.threads,
+                 arch=args.arch)
     return 0
 
 
@@ -690,6 +905,9 @@ def add_cli(subparsers) -> argparse.ArgumentParser:
                                                         "over N seeds and report mean and spread")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice; 1 is "
                                                               "often faster on a busy machine)")
+    p.add_argument("--sweep", action="store_true",
+                   help="the fair comparison: every method over the same lr grid (3e-5, 1e-4, 3e-4), each selected "
+                        "by validation implicit accuracy on held-out pairs; report in OUT/sweep_report.json")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--arch", choices=("sd15", "sd3"), default="sd15",
                    help="the generator: sd15 (UNet, DDIM; default) or sd3 (MM-DiT, flow matching: flow SFT, "

@@ -112,12 +112,14 @@ class MethodOutput:
 
     ``loss`` is differentiable unless ``backward_done``: a method that runs its own backward (Inversion-DPO's
     memory-light gradient) has already accumulated ``loss_scale * ∇loss`` into the parameters' ``.grad``.
-    ``metrics`` are device tensors (no host sync); scalars.
+    ``metrics`` are device tensors (no host sync); scalars. ``dpo``: a DPO-family method's per-pair loss output
+    (logits, per-sample errors), which preference validation reads (None for SFT).
     """
 
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
     backward_done: bool = False
+    dpo: Any = None
 
 
 class Method:

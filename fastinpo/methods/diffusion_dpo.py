@@ -18,4 +18,4 @@ class DiffusionDPO(Method):
         with torch.no_grad():
             ref_pred = models.reference(x_t, t, inputs.cond)
         out = diffusion_dpo_loss(model_pred, ref_pred, target, self.config.beta, backend=self.config.loss_backend)
-        return MethodOutput(out.loss, dpo_metrics(out))
+        return MethodOutput(out.loss, dpo_metrics(out), dpo=out)

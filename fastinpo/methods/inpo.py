@@ -28,4 +28,4 @@ class InPO(Method):
         out = diffusion_dpo_loss(model_pred, ref_pred, target, self.config.beta, backend=self.config.loss_backend)
         metrics = dpo_metrics(out)
         metrics["inversion_steps"] = inv.num_steps.float().mean()
-        return MethodOutput(out.loss, metrics)
+        return MethodOutput(out.loss, metrics, dpo=out)

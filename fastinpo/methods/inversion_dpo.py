@@ -79,7 +79,7 @@ class InversionDPO(Method):
         if not cfg.memory_light:
             out = inversion_dpo_loss(all_preds(cfg.grad_steps_per_call), traj.ref_eps, weights, cfg.beta,
                                      flip_sign=cfg.flip_sign, backend=cfg.loss_backend)
-            return MethodOutput(out.loss, dpo_metrics(out))
+            return MethodOutput(out.loss, dpo_metrics(out), dpo=out)
 
         # pass 1, no grad: D per sample and the loss
         with torch.no_grad():
@@ -87,6 +87,8 @@ class InversionDPO(Method):
             out = inversion_dpo_loss(preds, traj.ref_eps, weights, cfg.beta, flip_sign=cfg.flip_sign,
                                      backend=cfg.loss_backend)
             del preds
+        if not torch.is_grad_enabled():  # called without grad (validation): the loss, no backward
+            return MethodOutput(out.loss, dpo_metrics(out), backward_done=True, dpo=out)
         # ∂loss/∂D through the same epilogue the loss uses (one definition of f)
         D = out.model_mse.detach().requires_grad_(True)
         with torch.enable_grad():
@@ -100,4 +102,4 @@ class InversionDPO(Method):
                 mse = ref_ops.per_sample_mse(eps[j], traj.ref_eps[i])
                 surrogate = surrogate + (grad_D * (weights[i] / N) * mse).sum()
             models.run_backward(surrogate * loss_scale)
-        return MethodOutput(out.loss.detach(), dpo_metrics(out), backward_done=True)
+        return MethodOutput(out.loss.detach(), dpo_metrics(out), backward_done=True, dpo=out)

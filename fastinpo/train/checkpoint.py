@@ -21,6 +21,8 @@ from safetensors.torch import load_file, save_file
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "trainable.safetensors"
+#: ``checkpoints/best.json``: which checkpoint ``train.keep_best`` keeps (its step, metric and value)
+BEST = "best.json"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -100,9 +102,68 @@ def commit_checkpoint(root: str | Path, tmp: Path, step: int, *, state: dict[str
         shutil.rmtree(final)
     os.rename(tmp, final)
     _fsync_dir(d)
-    for _, old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    prune(root, keep_last)
     return final
+
+
+def prune(root: str | Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints — never the best one (``best.json``)."""
+    best = best_checkpoint(root)
+    for _, old in list_checkpoints(root)[:-keep_last] if keep_last > 0 else []:
+        if best is None or old != best[1]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def best_checkpoint(root: str | Path) -> tuple[int, Path] | None:
+    """``(step, path)`` of the checkpoint ``train.keep_best`` kept, or None (none recorded, or it is missing)."""
+    path = checkpoint_dir(root) / BEST
+    if not path.is_file():
+        return None
+    step = int(json.loads(path.read_text())["step"])
+    found = dict(list_checkpoints(root))
+    return (step, found[step]) if step in found else None
+
+
+def mark_best(root: str | Path, step: int, record: dict[str, Any], keep_last: int) -> Path:
+    """Record the complete checkpoint of ``step`` as the best (``best.json`` written under a temporary name and
+    renamed: a crash leaves the previous record, whose checkpoint is still there), then prune the previous best
+    unless it is one of the newest ``keep_last``."""
+    d = checkpoint_dir(root)
+    final = d / f"step-{step:08d}"
+    if not (final / "state.json").is_file():
+        raise FileNotFoundError(f"no complete checkpoint {final} to mark as the best")
+    tmp = d / f".tmp-{BEST}-{os.getpid()}"
+    tmp.write_text(json.dumps({**record, "step": step, "checkpoint": final.name}, indent=2))
+    _fsync_file(tmp)
+    os.replace(tmp, d / BEST)
+    _fsync_dir(d)
+    prune(root, keep_last)
+    return final
+
+
+def resolve_checkpoint(root: str | Path, which: str) -> Path:
+    """``best`` (``train.keep_best``'s), ``latest`` or ``step-N`` (``N`` with or without leading zeros) of a run
+    folder; a clear error naming what the run has when it is not there."""
+    found = list_checkpoints(root)
+    have = ", ".join(p.name for _, p in found) or "none"
+    if which == "latest":
+        if not found:
+            raise FileNotFoundError(f"{root} has no complete checkpoint (in {checkpoint_dir(root)})")
+        return found[-1][1]
+    if which == "best":
+        best = best_checkpoint(root)
+        if best is None:
+            raise FileNotFoundError(f"{root} has no best checkpoint (train.keep_best was not set, or no validation "
+                                    f"ran yet); its checkpoints: {have}")
+        return best[1]
+    m = re.fullmatch(r"step-(\d+)", which)
+    if m is None:
+        raise ValueError(f"--checkpoint must be best, latest or step-N, got {which!r}")
+    step = int(m.group(1))
+    for s, p in found:
+        if s == step:
+            return p
+    raise FileNotFoundError(f"{root} has no checkpoint of step {step}; its checkpoints: {have}")
 
 
 def remove_partial(root: str | Path) -> list[Path]:
@@ -110,7 +171,10 @@ def remove_partial(root: str | Path) -> list[Path]:
     d = checkpoint_dir(root)
     removed = [p for p in d.glob(".tmp-*")] if d.is_dir() else []
     for p in removed:
-        shutil.rmtree(p, ignore_errors=True)
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:  # a best.json that was being written
+            p.unlink(missing_ok=True)
     return removed
 
 

@@ -18,6 +18,9 @@ import torch
 from fastinpo.config import Config
 from fastinpo.data.batch import EncodedBatch, collate_encoded, collate_raw
 
+#: stream position of validation pair 0 (pair k: ``VALIDATION_POSITION + k``): far below any training position
+VALIDATION_POSITION = -(2**62)
+
 
 def epoch_permutation(n: int, seed: int, epoch: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
@@ -128,6 +131,29 @@ class PairStream:
                                    "encoded_by": "encoder"}
             prompt, pooled = encoder.encode_text([""])
             self.empty = EmptyCaption(prompt[0].to(device), None if pooled is None else pooled[0].to(device))
+        self._validation_source, self.validation_indices = None, []
+        self._validation_encoded = False  # the validation pairs come from the cache (else: encoded when read)
+        if d.validation_fraction > 0:  # the held-out rows leave the training set (data/validation_split.py)
+            from fastinpo.data import validation_split
+
+            full = self.dataset
+            rows = (full.rows().tolist() if self.cached else [raw.source_row(i) for i in range(len(raw))])
+            train_idx, held = validation_split.split(rows, d.validation_fraction)
+            if not held or not train_idx:
+                raise ValueError(f"data.validation_fraction = {d.validation_fraction} holds out {len(held)} of the "
+                                 f"{len(rows)} usable pairs: choose a fraction that leaves pairs on both sides")
+            self.validation_indices = held[:d.validation_max_pairs]
+            self.dataset = _Subset(full, train_idx)
+            self._validation_encoded = self.cached
+            # a random crop/flip would give a held-out pair another look at every validation: read them fixed
+            self._validation_source = full if self.cached or not raw.random_augmentation else \
+                _fixed_view(d.path, d, config.train.seed)
+        elif d.validation_path:
+            from fastinpo.data import validation_split
+
+            self._validation_source = _fixed_view(d.validation_path, d, config.train.seed)
+            rows = [self._validation_source.source_row(i) for i in range(len(self._validation_source))]
+            self.validation_indices = validation_split.split(rows, 1.0)[1][:d.validation_max_pairs]
 
     @property
     def skipped(self) -> dict[str, int]:
@@ -152,7 +178,39 @@ class PairStream:
         self._late.update({int(row): reason for row, reason in saved.items()})
 
     def __len__(self) -> int:
+        """Training pairs (the validation pairs of ``data.validation_fraction`` excluded)."""
         return len(self.dataset)
+
+    @property
+    def has_validation(self) -> bool:
+        return bool(self.validation_indices)
+
+    def validation_batches(self) -> list[tuple[EncodedBatch, torch.Tensor]]:
+        """This rank's share of the validation pairs, encoded (posterior mean), on the CPU: ``(batch, weight)`` in
+        batches of ``train.pairs_per_batch``. Validation pair ``k`` has the stream position
+        ``VALIDATION_POSITION + k``, a negative number training never reaches, so its timestep, noise and
+        inversion draws are fixed, its own, and the same whatever the number of ranks. Global validation batch
+        ``g`` holds pairs ``[g·W·B, (g+1)·W·B)``, rank ``r`` the ``r``-th ``B`` of them (contiguous positions, as a
+        training batch: what ZeRO-3's InPO lockstep expects); the last is padded with weight-0 repeats so that
+        every rank makes the same number of calls (ZeRO-3's forward is a collective)."""
+        n, B, W = len(self.validation_indices), self.config.train.pairs_per_batch, self.world_size
+        per_global = W * B
+        out = []
+        for g in range(0, -(-n // per_global) * per_global, per_global):
+            ks = list(range(g + self.rank * B, g + (self.rank + 1) * B))
+            items = [self._validation_source[self.validation_indices[k % n]] for k in ks]
+            if self._validation_encoded:
+                batch = collate_encoded(items)
+                batch.latent_std = None
+            else:
+                if self.encoder is None:
+                    raise ValueError("validation pairs read from a Pick-a-Pic source need the VAE and text "
+                                     "encoders")
+                with torch.no_grad():
+                    batch = self.encoder.encode_batch(collate_raw(items), use_std=False)
+            batch.positions = torch.tensor([VALIDATION_POSITION + k for k in ks], dtype=torch.int64)
+            out.append((batch.to("cpu"), torch.tensor([1.0 if k < n else 0.0 for k in ks])))
+        return out
 
     def batches(self, start_micro_batch: int) -> Iterator[EncodedBatch]:
         sampler = PairOrderSampler(len(self.dataset), self.config.train.pairs_per_batch, self.config.train.seed,
@@ -172,6 +230,34 @@ class PairStream:
                 batch = self.encoder.encode_batch(batch, use_std=self.config.data.latent_sample)
                 batch.positions = positions
             yield batch.to(self.device)
+
+
+class _Subset(torch.utils.data.Dataset):
+    """The training pairs of a dataset whose validation rows are held out; the dataset's other attributes
+    (``skipped``, ``set_epoch``, ...) pass through."""
+
+    def __init__(self, base, indices: list[int]):
+        self.base, self.indices = base, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int):
+        return self.base[self.indices[i]]
+
+    def __getattr__(self, name):
+        if name in ("base", "indices"):  # not set yet (unpickling in a DataLoader worker)
+            raise AttributeError(name)
+        return getattr(self.base, name)
+
+
+def _fixed_view(path, d, seed: int):
+    """A Pick-a-Pic source read the way validation needs it: centre crop, no flip (the same pixels every time)."""
+    from fastinpo.data.pickapic import PickAPicDataset
+
+    return PickAPicDataset(path, d.resolution, center_crop=True, random_flip=False, keep_ties=d.keep_ties,
+                           keep_empty_captions=d.keep_empty_captions, per_sample_time_ids=d.per_sample_time_ids,
+                           max_rows=d.max_rows if path == d.path else None, seed=seed)
 
 
 def _with_epochs(loader, set_epoch, sampler: PairOrderSampler, micro_batch: int):

@@ -351,7 +351,8 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
     # Copies of frozen modules are made now, from the full float32 weights on the CPU, before ZeRO-3 replaces
     # every parameter of the policy by its shard (a deepcopy afterwards would copy empty shards).
     reference_unet = reference_engine = None
-    if not lora and config.method.name != "sft":
+    # SFT trains without a reference; its preference validation (DPO metrics against it) needs one
+    if not lora and (config.method.name != "sft" or config.train.validate_every > 0):
         reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
         if dist.reference == "sharded":
             if stage != 3:

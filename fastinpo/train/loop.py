@@ -6,8 +6,10 @@ the engine's step (gradient clipping, the optimizer — a non-finite loss or gra
 device — and the LR schedule). What depends on one process or DeepSpeed ZeRO lives behind the
 :class:`~fastinpo.train.engine.Engine` chosen once from ``distributed.backend`` (:func:`make_engine`). Between
 logging steps nothing reads a device value on the host: metrics accumulate on the device and are read once per
-``log_every`` steps. Randomness is a function of (seed, micro-step), data order of (seed, position), so
-``--resume latest`` continues exactly.
+``log_every`` steps, and once per preference validation (``train.validate_every``:
+:mod:`fastinpo.train.preference_validation`, which has its own random streams, so it never changes the training).
+Randomness is a function of (seed, micro-step), data order of (seed, position), so ``--resume latest`` continues
+exactly.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from fastinpo.train import run_folder
 from fastinpo.train.data_source import PairStream
 from fastinpo.train.engine import Engine
 from fastinpo.train.models import DTYPES
+from fastinpo.train.preference_validation import PreferenceValidator
 from fastinpo.train.validation import ValidationGrids
 
 
@@ -115,9 +118,37 @@ class MetricsLog:
             self.writer.flush()
         return row
 
+    def write_row(self, step: int, row: dict[str, float]) -> None:
+        """A row of host values (a validation's metrics) to metrics.jsonl and TensorBoard (rank 0)."""
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"step": step, **row}) + "\n")
+        if self.writer is not None:
+            for k, v in row.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def _validate(validator: PreferenceValidator, counter, models, log: MetricsLog, bar, save, out_dir: Path,
+              config: Config, is_main: bool) -> bool:
+    """A validation step: the metrics to the log and the bar, and the best checkpoint kept (``train.keep_best``).
+    Returns whether it wrote this step's checkpoint."""
+    row = validator(counter.step, models)
+    log.write_row(counter.step, row)
+    counter.postfix = validator.postfix(row)
+    bar.set_postfix(**counter.postfix)
+    if not (validator.keep_best and validator.improved):
+        return False
+    save(counter.step)
+    if is_main:
+        ckpt.mark_best(out_dir, counter.step, {"metric": validator.metric, "value": validator.best_value},
+                       config.train.keep_last)
+    return True
 
 
 class NonFiniteLossError(RuntimeError):
@@ -136,6 +167,7 @@ class StepCounter:
         self.nan_total = torch.tensor(float(saved["nan_steps"]), device=device)
         self.t_log = time.perf_counter()
         self.steps_since_log = 0
+        self.postfix: dict[str, str] = {}  # the last validation's, kept on the progress bar
 
     def checkpoint_state(self) -> dict[str, int]:
         """What a checkpoint stores of the counters (host reads: at checkpoints only)."""
@@ -162,7 +194,8 @@ class StepCounter:
         row = log.flush(step, {"lr": lr(), "pairs_per_s": self.steps_since_log * pairs_per_step /
                                max(now - self.t_log, 1e-9),
                                "nan_steps": float(self.nan_total.item()), "skipped_rows": float(skipped_rows())})
-        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}")
+        bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4g}", pairs_s=f"{row['pairs_per_s']:.2f}",
+                        **self.postfix)
         if self.consecutive.item() >= config.train.max_nan_steps:
             path = save(step)
             raise NonFiniteLossError(
@@ -224,12 +257,13 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
 
     use_cache = bool(config.data.cache_dir)
     family = family_for_folder(config.model.path)
-    components = family.load_components(config.model.path, load_vae=not use_cache, load_text=not use_cache,
+    encode = not use_cache or bool(config.data.validation_path)  # a validation source is encoded when read
+    components = family.load_components(config.model.path, load_vae=encode, load_text=encode,
                                         dtype=DTYPES[config.model.encoder_dtype])
     schedule = family.build_schedule(components.scheduler_config)
     method = build_method(config.method, schedule)
-    encoder = None if use_cache else family.make_encoder(components, device, vae_slicing=config.data.vae_slicing,
-                                                         vae_tiling=config.data.vae_tiling)
+    encoder = None if not encode else family.make_encoder(components, device, vae_slicing=config.data.vae_slicing,
+                                                          vae_tiling=config.data.vae_tiling)
     stream = PairStream(config, model_folder=config.model.path, device=device, encoder=encoder,
                         rank=engine.rank, world_size=engine.world_size)
     pairs_per_step = config.train.pairs_per_batch * config.train.grad_accum * engine.world_size
@@ -239,12 +273,12 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
 
         method.trajectory_cache = open_for_run(config, stream, engine.models, schedule, device)
 
-    state = {"nan_steps": 0, "consecutive_nan": 0}
+    state = {"nan_steps": 0, "consecutive_nan": 0, "validation": None}
     start_step = 0
     if resume_from is not None:
         saved = engine.load_checkpoint(resume_from)
         start_step = int(saved["step"])
-        state.update({k: saved[k] for k in state})
+        state.update({k: saved.get(k) for k in state})
         stream.restore_skips(saved.get("late_skipped_rows", {}))
     if engine.is_main:
         for line in run_folder.start_report(config, device=device, label=engine.label, stream=stream,
@@ -254,7 +288,7 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
         save_config(config, out_dir / "config.yaml")
         engine.write_settings(out_dir)
     last_step = min(config.train.max_steps, start_step + stop_after) if stop_after else config.train.max_steps
-    return {"components": components, "family": family, "method": method, "stream": stream,
+    return {"components": components, "family": family, "method": method, "schedule": schedule, "stream": stream,
             "pairs_per_step": pairs_per_step, "state": state, "start_step": start_step,
             "last_step": last_step, "removed": removed}
 
@@ -267,6 +301,8 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
     start_step, last_step, pairs_per_step = run["start_step"], run["last_step"], run["pairs_per_step"]
     log = MetricsLog(out_dir, start_step, is_main=engine.is_main, reduce=engine.reduce_metrics)
     grids = ValidationGrids(config, out_dir, device)
+    validator = PreferenceValidator(config, stream, method, run["schedule"], device, make_step_inputs,
+                                    engine.reduce_metrics, engine.begin_micro_batch, run["state"]["validation"])
     batches = stream.batches(start_step * config.train.grad_accum)
     counter = StepCounter(run["state"], start_step, last_step, device)
     bar = tqdm(total=config.train.max_steps, initial=start_step, unit="step",
@@ -274,12 +310,22 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
                desc=f"{config.method.name} {'lora' if models.lora else 'full'}{engine.label}")
     scale = 1.0 / config.train.grad_accum
 
+    last_saved: list = [None, None]  # (step, path): a step is checkpointed once, however many reasons it has
+
     def save(step_now: int) -> Path:
+        if last_saved[0] == step_now:
+            return last_saved[1]
+        last_saved[:] = [step_now, _save(step_now)]
+        return last_saved[1]
+
+    def _save(step_now: int) -> Path:
         return engine.save_checkpoint(out_dir, step_now, {
-            **counter.checkpoint_state(), "method": config.method.name, "lora": models.lora,
+            **counter.checkpoint_state(), **validator.checkpoint_state(), "method": config.method.name,
+            "lora": models.lora,
             "config": config.to_dict(), "late_skipped_rows": stream.late_skips(),
             **engine.checkpoint_state()}, config.train.keep_last)
 
+    stopped_early = None
     try:
         while counter.step < last_step:
             engine.begin_step()
@@ -297,8 +343,18 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
                                   skipped_rows=lambda: sum(stream.skipped.values()), save=save)
             if config.train.sample_every and counter.step % config.train.sample_every == 0:
                 grids(counter.step, models.unet)
-            if counter.checkpoint_due(config):
+            saved_now = validator.due(counter.step) and _validate(validator, counter, models, log, bar, save,
+                                                                  out_dir, config, engine.is_main)
+            if counter.checkpoint_due(config) and not saved_now:
                 save(counter.step)
+            if validator.should_stop:
+                stopped_early = {"step": counter.step, "best_step": validator.best_step, "metric": validator.metric,
+                                 "best_value": validator.best_value}
+                if engine.is_main:
+                    print(f"fastinpo train: early stopping at step {counter.step}: {validator.metric} has not "
+                          f"improved for {validator.since_best} validations (train.early_stopping_patience = "
+                          f"{validator.patience}); best {validator.best_value} at step {validator.best_step}")
+                break
         step = counter.step
         final = save(step)
     finally:
@@ -310,7 +366,13 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
                **engine.summary()}
     if getattr(method, "trajectory_cache", None) is not None:
         summary["trajectory_cache"] = method.trajectory_cache.stats()
-    if step >= config.train.max_steps:
+    if validator.every:
+        best = ckpt.best_checkpoint(out_dir)
+        summary["validation"] = {**validator.checkpoint_state()["validation"],
+                                 "best_checkpoint": str(best[1]) if best else None}
+    if stopped_early is not None:
+        summary["stopped_early"] = stopped_early
+    if step >= config.train.max_steps or stopped_early is not None:
         summary["export"] = str(engine.export(out_dir / "export", run["components"].arch))
     if engine.is_main:
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

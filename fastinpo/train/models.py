@@ -167,7 +167,8 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
     """Wrap a loaded UNet (float32) as policy + reference per the config; moves it to ``device``."""
     unet, lora = prepare_policy(config, unet, device)
     reference_unet = None
-    if not lora and config.method.name != "sft":
+    # SFT trains without a reference; its preference validation (DPO metrics against it) needs one
+    if not lora and (config.method.name != "sft" or config.train.validate_every > 0):
         ref_dtype = DTYPES[config.model.reference_dtype]
         reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
     inversion_unet = None

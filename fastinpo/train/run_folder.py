@@ -24,6 +24,7 @@ from fastinpo.config import Config, load_config
 RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.sample_every",
     "train.sample_prompts", "train.max_nan_steps", "train.progress", "train.output_dir", "data.num_workers",
+    "train.validate_every", "train.early_stopping_patience",
 })
 
 #: what marks a folder as holding a run
