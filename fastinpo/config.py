@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Pick-a-Pic-format data: a folder of parquet files or a datasets save_to_disk folder")
+    path: str = _f("", "preference pairs: Pick-a-Pic parquet folder/file, datasets save_to_disk folder, pair manifest (.jsonl/.csv/.parquet) or w/ + l/ folder (docs/DATA.md)")
     resolution: int = _f(1024, "training resolution R (SD1.5: 512, SDXL: 1024)")
     center_crop: bool = _f(True, "center crop after resizing the shorter side to R (else a seeded random crop)")
     random_flip: bool = _f(False, "flip both images of a pair together with probability 0.5")
@@ -271,7 +271,8 @@ def local_path_problems(config: Config) -> list[str]:
            "a diffusers UNet folder (config.json + weights), e.g. a fastinpo export/unet/")
     if config.data.path and not Path(config.data.path).expanduser().exists():
         problems.append(f"data.path = {config.data.path!r} does not exist (a folder of Pick-a-Pic parquet files, "
-                        "one .parquet file, or a datasets save_to_disk folder)")
+                        "one .parquet file, a datasets save_to_disk folder, a pair manifest (.jsonl, .csv, "
+                        ".parquet) or a folder of w/ and l/ images; docs/DATA.md)")
     return problems
 
 

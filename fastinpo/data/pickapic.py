@@ -1,9 +1,11 @@
-"""Pick-a-Pic-format preference data (SPEC §1): reading, filtering, preprocessing.
+"""Preference pairs (SPEC §1): reading, filtering, preprocessing — one dataset for every source kind.
 
 :class:`PickAPicDataset` reads a local directory of parquet files (the format Pick-a-Pic v2 is published in) or a
 ``datasets`` ``save_to_disk`` folder, with the columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
 bytes) and ``label_0``/``label_1`` (float, 1 = preferred), and yields :class:`fastinpo.data.batch.RawPair` records
-(winner first).
+(winner first). Pair manifests (JSONL, CSV, parquet of image paths) and ``w/``/``l/`` folders are read by
+:mod:`fastinpo.data.sources`, which presents their rows in this same shape, so every rule below holds for every
+kind (docs/DATA.md).
 
 Row semantics (SPEC §1):
 
@@ -55,6 +57,7 @@ import torch
 from PIL import Image
 
 from fastinpo.data.batch import RawPair
+from fastinpo.data.sources import FolderSource, ManifestSource, is_pair_folder, is_pair_manifest
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 # label_1 is read when present (Pick-a-Pic has it) to catch rows whose two labels contradict each other.
@@ -206,15 +209,23 @@ class _DiskSource(_Source):
                 if c in (*META_COLUMNS, *IMAGE_COLUMNS)}
 
 
+DATA_KINDS = ("a directory of Pick-a-Pic parquet files, one .parquet file, a datasets save_to_disk folder, a pair "
+              "manifest (.jsonl, .csv or .parquet with caption + image_0/image_1/label_0 or chosen/rejected), or a "
+              "folder of w/ and l/ images")
+
+
 def _open_source(path: Path) -> _Source:
     if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist (expected a directory of Pick-a-Pic parquet files "
-                                f"or a datasets save_to_disk folder)")
+        raise FileNotFoundError(f"data path {path} does not exist (expected {DATA_KINDS})")
     if path.is_file():
+        if is_pair_manifest(path):
+            return ManifestSource(path)
         if path.suffix == ".parquet":
             return _ParquetSource(path.parent, [path])
-        raise ValueError(f"data path {path} is a file but not a .parquet file; expected a directory of Pick-a-Pic "
-                         f"parquet files, one .parquet file, or a datasets save_to_disk folder")
+        raise ValueError(f"data path {path} is a file but neither a .parquet file nor a pair manifest (.jsonl, .csv); "
+                         f"expected {DATA_KINDS}")
+    if is_pair_folder(path):
+        return FolderSource(path)
     entries = sorted(os.listdir(path))
     if "dataset_dict.json" in entries or ("state.json" in entries and "dataset_info.json" in entries):
         return _DiskSource(path)
@@ -225,8 +236,9 @@ def _open_source(path: Path) -> _Source:
     hint = f"; parquet files in subfolders (point the path at one of them, e.g. one split): {nested}" if nested else ""
     shown = entries[:20] + (["..."] if len(entries) > 20 else [])
     raise ValueError(
-        f"data path {path} is neither a directory of .parquet files (Pick-a-Pic format) nor a datasets save_to_disk "
-        f"folder (state.json + dataset_info.json + *.arrow); found {shown or 'an empty directory'}{hint}"
+        f"data path {path} is neither a directory of .parquet files (Pick-a-Pic format), a datasets save_to_disk "
+        f"folder (state.json + dataset_info.json + *.arrow) nor a pair folder (w/ and l/); found "
+        f"{shown or 'an empty directory'}{hint}"
     )
 
 
