@@ -47,12 +47,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset(config):
+    """The config's pair source (any kind of docs/DATA.md) as the one dataset."""
+    from fastinpo.data.pickapic import PickAPicDataset
+
+    d = config.data
+    return PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                           keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
+                           seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
+
+
+def _launch_ranks():
+    """``(rank, world_size, barrier, device index)`` of a ``torchrun`` launch (gloo on the CPU, NCCL on GPUs), or
+    the one-process form when no launcher set ``WORLD_SIZE``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None, None
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, local
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fastinpo.config import local_path_problems
     from fastinpo.data.cache import build_cache
-    from fastinpo.data.pickapic import PickAPicDataset, describe_skipped
+    from fastinpo.data.pickapic import describe_skipped
     from fastinpo.models.sd import Encoder, load_components
     from fastinpo.train.engine import pick_device
     from fastinpo.train.models import DTYPES
@@ -64,19 +93,28 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     problems = local_path_problems(config)
     if problems:
         raise ValueError("the cache cannot be built:\n  " + "\n  ".join(problems))
-    dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
-                              seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
-    components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
-    encoder = Encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
-                      vae_tiling=d.vae_tiling)
-    # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
-    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
-                           batch_size=d.cache_batch_pairs, store_std=d.latent_sample, overwrite=args.overwrite,
-                           allow_frozen_augmentation=args.allow_frozen_augmentation)
-    # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
-    print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
-          f"{describe_skipped(manifest['skipped'])}")
+    rank, world, barrier, local = _launch_ranks()
+    try:
+        dataset = _dataset(config)
+        device = pick_device(config.train.device)
+        if device.type == "cuda" and local is not None:
+            device = torch.device("cuda", local)
+        components = load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
+        encoder = Encoder(components, device, vae_slicing=d.vae_slicing, vae_tiling=d.vae_tiling)
+        # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
+        manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
+                               cache_dtype=getattr(torch, d.cache_dtype), batch_size=d.cache_batch_pairs,
+                               store_std=d.latent_sample, overwrite=args.overwrite,
+                               allow_frozen_augmentation=args.allow_frozen_augmentation, rank=rank,
+                               world_size=world, barrier=barrier)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
+        print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached ({manifest['num_captions']} "
+              f"distinct captions, {manifest['num_images']} distinct images, {manifest['bytes_per_pair']} bytes per "
+              f"pair); rows skipped: {describe_skipped(manifest['skipped'])}")
     return 0
 
 

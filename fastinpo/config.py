@@ -59,7 +59,9 @@ class DataConfig:
     max_rows: int | None = _f(None, "use only the first N rows of the data")
     cache_dir: str | None = _f(None, "latent/text cache made by `fastinpo cache` (used when it matches, refused when stale)")
     cache_embed_dtype: Literal["float16", "bfloat16", "float32"] = _f(
-        "float16", "dtype the cache stores text embeddings in (latents are always float32)")
+        "float16", "dtype the cache stores text embeddings in (latents: data.cache_dtype)")
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the cache stores VAE latents (posterior mean and std) in: float32 exact, bfloat16/float16 half the bytes (errors in docs/DATA.md)")
     latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
     cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
     vae_slicing: bool = _f(False, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image; latents differ in the last bits from batched calls)")

@@ -516,39 +516,68 @@ class PickAPicDataset(torch.utils.data.Dataset):
                 f"skipped={self.skipped})")
 
     # ------------------------------------------------------------------ preprocessing
-    def _preprocess(self, win: Image.Image, lose: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        R = self.resolution
+    def _draws(self, row: int) -> tuple[list[float], bool]:
+        """The pair's random draws: one per pair, shared by both images (same relative crop position, identical
+        crop when the two images have the same size, as Pick-a-Pic's do, and the same flip decision)."""
         gen = None
         if self.random_augmentation:
             gen = torch.Generator().manual_seed(_row_seed(self.seed, self.epoch, row))
-        # One draw per pair, shared by both images: same relative crop position (identical crop when the two
-        # images have the same size, as Pick-a-Pic's do) and the same flip decision.
         u = torch.rand(3, generator=gen).tolist() if gen is not None else [0.0, 0.0, 1.0]
-        flip = self.random_flip and u[2] < 0.5
-        pix, tids = [], []
-        for img in (win, lose):
-            w, h = img.size
-            scale = R / min(w, h)
-            nw, nh = max(R, round(w * scale)), max(R, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BILINEAR)
-            if self.center_crop:
-                # Same rounding as torchvision's CenterCrop (the official codes' transform).
-                top, left = int(round((nh - R) / 2.0)), int(round((nw - R) / 2.0))
-            else:
-                top, left = min(int(u[0] * (nh - R + 1)), nh - R), min(int(u[1] * (nw - R + 1)), nw - R)
-            img = img.crop((left, top, left + R, top + R))
-            if flip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-                # crop_left in the flipped image's coordinates (the mirrored crop window).
-                left = nw - left - R
-            arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (R, R, 3)
-            pix.append(arr.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0)
-            if self.per_sample_time_ids:
-                tids.append([h, w, top, left, R, R])
-            else:
-                tids.append([R, R, 0, 0, R, R])
-        return torch.stack(pix), torch.tensor(tids, dtype=torch.float32)
+        return u, self.random_flip and u[2] < 0.5
+
+    def _preprocess(self, win: Image.Image, lose: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u, flip = self._draws(row)
+        pix, tids = zip(*(self._preprocess_one(img, u, flip) for img in (win, lose)), strict=True)
+        return torch.stack(pix), torch.stack(tids)
+
+    def _preprocess_one(self, img: Image.Image, u: list[float], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        R = self.resolution
+        w, h = img.size
+        scale = R / min(w, h)
+        nw, nh = max(R, round(w * scale)), max(R, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        if self.center_crop:
+            # Same rounding as torchvision's CenterCrop (the official codes' transform).
+            top, left = int(round((nh - R) / 2.0)), int(round((nw - R) / 2.0))
+        else:
+            top, left = min(int(u[0] * (nh - R + 1)), nh - R), min(int(u[1] * (nw - R + 1)), nw - R)
+        img = img.crop((left, top, left + R, top + R))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            # crop_left in the flipped image's coordinates (the mirrored crop window).
+            left = nw - left - R
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (R, R, 3)
+        pixels = arr.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+        tids = [h, w, top, left, R, R] if self.per_sample_time_ids else [R, R, 0, 0, R, R]
+        return pixels, torch.tensor(tids, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ cache builder access
+    def read_pair_bytes(self, i: int) -> tuple[int, str, bytes | None, bytes | None, str]:
+        """``(row, caption, winner bytes, loser bytes, row hash)`` of usable pair ``i`` without decoding anything
+        (an image that is absent comes back as ``None``)."""
+        row = int(self._rows[i])
+        raw = self._source.read(row)
+        b0, b1 = _image_bytes(raw.get("jpg_0")), _image_bytes(raw.get("jpg_1"))
+        h = row_hash(raw.get("caption"), b0, b1, raw.get("label_0"), raw.get("label_1"))
+        if self._swap[i]:
+            b0, b1 = b1, b0
+        return row, raw.get("caption") or "", b0, b1, h
+
+    def read_image(self, i: int, side: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """One image of usable pair ``i`` (``side`` 0: the winner, 1: the loser) preprocessed exactly as
+        :meth:`read_pair` does it: ``(pixels (3, R, R), time_ids (6,))``, or the skip reason."""
+        row = int(self._rows[i])
+        raw = self._source.read(row)
+        key = "jpg_1" if (side == 0) == bool(self._swap[i]) else "jpg_0"
+        data = _image_bytes(raw.get(key))
+        if data is None:
+            return SKIP_MISSING_IMAGE
+        img = _decode(data)
+        if img is None:
+            return SKIP_UNDECODABLE
+        u, flip = self._draws(row)
+        return self._preprocess_one(img, u, flip)
 
 
 def _as_float(col: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:
