@@ -104,6 +104,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
         manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
                                cache_dtype=getattr(torch, d.cache_dtype), batch_size=d.cache_batch_pairs,
+                               shard_size=d.cache_shard_size,
                                store_std=d.latent_sample, overwrite=args.overwrite,
                                allow_frozen_augmentation=args.allow_frozen_augmentation, rank=rank,
                                world_size=world, barrier=barrier)
@@ -182,7 +183,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (
         ("train", _cmd_train, "train with a config (SFT, Diffusion-DPO, DDIM-InPO, Inversion-DPO)"),
-        ("cache", _cmd_cache, "precompute VAE latents and text embeddings for a config"),
+        ("cache", _cmd_cache, "precompute VAE latents and text embeddings for a config (on N processes: "
+                              "torchrun --nproc_per_node N -m fastinpo.cli cache CONFIG)"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", nargs="?", help="TOML or YAML config file")

@@ -64,6 +64,7 @@ class DataConfig:
         "float32", "dtype the cache stores VAE latents (posterior mean and std) in: float32 exact, bfloat16/float16 half the bytes (errors in docs/DATA.md)")
     latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
     cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
+    cache_shard_size: int = _f(256, "`fastinpo cache` shard: pairs per plan file, images per latents file, captions per text file (the unit split across ranks and resumed)")
     vae_slicing: bool = _f(False, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image; latents differ in the last bits from batched calls)")
     vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
@@ -166,7 +167,7 @@ class Config:
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
-                    "data.cache_batch_pairs",
+                    "data.cache_batch_pairs", "data.cache_shard_size",
                     "method.inversion_levels", "method.num_steps", "method.grad_steps_per_call",
                     "method.nograd_steps_per_call"):
             section, name = key.split(".")
