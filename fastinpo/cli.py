@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``make-tiny-data``, ``cache``, ``train``, ``sample``, ``eval``, ``demo`` and ``bench``.
+``make-tiny-data``, ``data inspect``, ``cache``, ``train``, ``sample``, ``eval``, ``demo`` and ``bench``.
 """
 
 from __future__ import annotations
@@ -119,6 +119,25 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastinpo.config import load_config
+    from fastinpo.data.inspection import format_report, inspect
+
+    target = Path(args.target)
+    if target.is_file() and target.suffix in (".toml", ".yaml", ".yml", ".json"):
+        config = load_config(target, args.set or [])
+    else:  # a data path: the config's defaults, the path and any --set
+        config = load_config(None, [f"data.path={target}", *(args.set or [])], validate=False)
+    d = config.data
+    report = inspect(_dataset(config), model_path=config.model.path or None, cache_dtype=d.cache_dtype,
+                     embed_dtype=d.cache_embed_dtype, store_std=d.latent_sample,
+                     sheet=None if args.no_sheet else args.sheet, sheet_pairs=args.pairs, progress=not args.json)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
+    return 0
+
+
 def _cmd_make_tiny(args: argparse.Namespace) -> int:
     if args.size == "full":  # the real SD1.5 / SDXL architectures, random weights
         import torch
@@ -201,6 +220,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-frozen-augmentation", action="store_true",
                            help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("data", help="look at preference data: `fastinpo data inspect CONFIG|PATH`")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("inspect", help="rows, usable pairs, skips by reason, distinct captions/images, projected "
+                            "cache size, and a contact sheet PNG (winner left, loser right, caption under)")
+    p.add_argument("target", help="a config file (TOML/YAML/JSON) or a data path (any kind of docs/DATA.md)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. data.resolution=1024 or model.path=...")
+    p.add_argument("--sheet", default="contact_sheet.png", help="where the contact sheet PNG goes")
+    p.add_argument("--pairs", type=int, default=8, help="pairs on the contact sheet (default 8)")
+    p.add_argument("--no-sheet", action="store_true", help="no contact sheet")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_data_inspect)
 
     p = sub.add_parser("make-tiny-pipeline", help="write a random SD1.5/SDXL pipeline (diffusers layout): tiny, "
                        "or the real architectures with --size full")

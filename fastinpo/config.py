@@ -397,8 +397,10 @@ def _to_float(value):
     return value
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """A validated :class:`Config` from nested dicts (types checked, ints accepted where floats are expected)."""
+def from_dict(data: dict[str, Any], *, validate: bool = True) -> Config:
+    """A validated :class:`Config` from nested dicts (types checked, ints accepted where floats are expected).
+    ``validate=False`` skips the checks of a training run (e.g. a required model.path) for commands that read only
+    part of the config (``fastinpo data inspect PATH``); keys and types are checked either way."""
     _check_keys(Config, data)
     try:
         config = dacite.from_dict(Config, data, config=dacite.Config(strict=True, type_hooks={float: _to_float}))
@@ -413,15 +415,16 @@ def from_dict(data: dict[str, Any]) -> Config:
         raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}{hint}") from None
     except dacite.DaciteError as err:
         raise ValueError(f"invalid config: {err}") from None
-    return config.validate()
+    return config.validate() if validate else config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                validate: bool = True) -> Config:
     """Load a TOML/YAML/JSON config file (or start from defaults), apply ``section.key=value`` overrides."""
     data = _read_file(path) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
-    return from_dict(data)
+    return from_dict(data, validate=validate)
 
 
 def save_config(config: Config, path: str | Path) -> None:

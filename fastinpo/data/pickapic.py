@@ -448,6 +448,11 @@ class PickAPicDataset(torch.utils.data.Dataset):
         """Random crop/flip are drawn from (seed, epoch, row): call once per epoch for fresh augmentations."""
         self.epoch = int(epoch)
 
+    @property
+    def num_source_rows(self) -> int:
+        """Rows in the source data (usable or not)."""
+        return int(self._source.num_rows)
+
     def source_row(self, i: int) -> int:
         """Row index in the source data of usable pair ``i``."""
         return int(self._rows[i])
