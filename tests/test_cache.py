@@ -404,8 +404,10 @@ def test_training_from_a_deduplicated_cache_equals_training_on_the_fly(tmp_path,
     monkeypatch.setattr(Encoder, "encode_images", lambda self, px: tuple(t.contiguous()
                                                                          for t in encode_images(self, px)))
 
-    write_pickapic_parquet(tmp_path / "d" / "p.parquet", pickapic_shaped_rows(3, 4))  # 18 pairs, 12 images
+    write_pickapic_parquet(tmp_path / "d" / "p.parquet", pickapic_shaped_rows(3, 5))  # 30 pairs, 15 images
+    # 14 images per VAE call: the 15th is alone in its batch (encoded beside a copy of itself, see the builder)
     base = [f"model.path={tiny_pipelines[arch]}", f"data.path={tmp_path / 'd'}", f"data.resolution={R}",
+            "data.cache_batch_pairs=7",
             "method.name=diffusion-dpo", "train.max_steps=3", "train.pairs_per_batch=2", "train.log_every=1",
             "train.progress=false", "optim.lr=1e-4", "optim.scale_lr=false", "data.caption_dropout=0.5",
             "data.cache_embed_dtype=float32"]
@@ -413,7 +415,7 @@ def test_training_from_a_deduplicated_cache_equals_training_on_the_fly(tmp_path,
     args = ["cache"] + [a for o in base + cache for a in ("--set", o)]
     assert main(args) == 0
     m = read_manifest(tmp_path / "cache")
-    assert (m["num_pairs"], m["num_images"], m["num_captions"]) == (18, 12, 3)
+    assert (m["num_pairs"], m["num_images"], m["num_captions"]) == (30, 15, 3)
 
     def losses(extra, out):
         summary = train(load_config(None, [*base, *extra, f"train.output_dir={tmp_path / out}"]))

@@ -314,8 +314,14 @@ def _encode_images(dataset, encoder, plan: _Plan, start: int, stop: int, batch_i
 
     def flush():
         if pending:
+            pixels = torch.stack([p for _, p, _ in pending])
+            if len(pending) == 1:
+                # A lone image is encoded beside a copy of itself: CPU convolution kernels give other last bits
+                # for a batch of one, and training on the fly always encodes pairs (two images at least); the
+                # same latents either way is what makes training from the cache equal training on the fly.
+                pixels = torch.cat([pixels, pixels])
             with torch.no_grad():
-                mean, std = encoder.encode_images(torch.stack([p for _, p, _ in pending]))
+                mean, std = encoder.encode_images(pixels)
             for k, (j, _, t) in enumerate(pending):
                 results[j] = (mean[k].detach().float().cpu(), std[k].detach().float().cpu(), t)
             pending.clear()
