@@ -318,8 +318,9 @@ class PickAPicDataset(torch.utils.data.Dataset):
     """Usable preference pairs of a Pick-a-Pic-format dataset (see the module docstring for the rules).
 
     Args:
-        path: directory of ``*.parquet`` files (top level, sorted by name), one ``.parquet`` file, or a
-            ``datasets`` ``save_to_disk`` folder of one split.
+        path: directory of ``*.parquet`` files (top level, sorted by name), one ``.parquet`` file, a
+            ``datasets`` ``save_to_disk`` folder of one split, a pair manifest (``.jsonl``, ``.csv``, or a
+            ``.parquet`` of image paths) or a folder of ``w/`` and ``l/`` images (:mod:`fastinpo.data.sources`).
         resolution: training resolution R (square crops).
         center_crop: center crop (default) or, when False, a random crop drawn per (seed, epoch, row).
         random_flip: flip both images of a pair horizontally together with probability 0.5.
