@@ -1,7 +1,7 @@
 """The ``fastinpo`` command line.
 
 Subcommands: ``env`` (what runs here), ``quickstart`` (the API end to end on a tiny UNet), ``make-tiny-pipeline``,
-``make-tiny-data``, ``cache``, ``train``, ``export``, ``sample``, ``eval``, ``demo`` and ``bench``.
+``make-tiny-data``, ``data inspect``, ``cache``, ``train``, ``export``, ``sample``, ``eval``, ``demo`` and ``bench``.
 """
 
 from __future__ import annotations
@@ -47,12 +47,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _dataset(config):
+    """The config's pair source (any kind of docs/DATA.md) as the one dataset."""
+    from fastinpo.data.pickapic import PickAPicDataset
+
+    d = config.data
+    return PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
+                           keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
+                           seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
+
+
+def _launch_ranks():
+    """``(rank, world_size, barrier, device index)`` of a ``torchrun`` launch (gloo on the CPU, NCCL on GPUs), or
+    the one-process form when no launcher set ``WORLD_SIZE``."""
+    import os
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, None, None
+    import torch
+    import torch.distributed as dist
+
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    return dist.get_rank(), dist.get_world_size(), dist.barrier, local
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     import torch
 
     from fastinpo.config import local_path_problems
     from fastinpo.data.cache import build_cache
-    from fastinpo.data.pickapic import PickAPicDataset, describe_skipped
+    from fastinpo.data.pickapic import describe_skipped
     from fastinpo.models.family import family_for_folder
     from fastinpo.train.engine import pick_device
     from fastinpo.train.models import DTYPES
@@ -64,20 +93,50 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     problems = local_path_problems(config)
     if problems:
         raise ValueError("the cache cannot be built:\n  " + "\n  ".join(problems))
-    dataset = PickAPicDataset(d.path, d.resolution, center_crop=d.center_crop, random_flip=d.random_flip,
-                              keep_ties=d.keep_ties, per_sample_time_ids=d.per_sample_time_ids, max_rows=d.max_rows,
-                              seed=config.train.seed, keep_empty_captions=d.keep_empty_captions)
-    family = family_for_folder(config.model.path)
-    components = family.load_components(config.model.path, load_unet=False, dtype=DTYPES[config.model.encoder_dtype])
-    encoder = family.make_encoder(components, pick_device(config.train.device), vae_slicing=d.vae_slicing,
-                                  vae_tiling=d.vae_tiling)
-    # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
-    manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
-                           batch_size=d.cache_batch_pairs, store_std=d.latent_sample, overwrite=args.overwrite,
-                           allow_frozen_augmentation=args.allow_frozen_augmentation)
-    # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
-    print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached; rows skipped: "
-          f"{describe_skipped(manifest['skipped'])}")
+    rank, world, barrier, local = _launch_ranks()
+    try:
+        dataset = _dataset(config)
+        device = pick_device(config.train.device)
+        if device.type == "cuda" and local is not None:
+            device = torch.device("cuda", local)
+        family = family_for_folder(config.model.path)
+        components = family.load_components(config.model.path, load_unet=False,
+                                            dtype=DTYPES[config.model.encoder_dtype])
+        encoder = family.make_encoder(components, device, vae_slicing=d.vae_slicing, vae_tiling=d.vae_tiling)
+        # the std is stored only for runs that draw latent samples: with data.latent_sample = false it is never read
+        manifest = build_cache(dataset, encoder, d.cache_dir, embed_dtype=getattr(torch, d.cache_embed_dtype),
+                               cache_dtype=getattr(torch, d.cache_dtype), batch_size=d.cache_batch_pairs,
+                               shard_size=d.cache_shard_size,
+                               store_std=d.latent_sample, overwrite=args.overwrite,
+                               allow_frozen_augmentation=args.allow_frozen_augmentation, rank=rank,
+                               world_size=world, barrier=barrier)
+    finally:
+        if world > 1:
+            torch.distributed.destroy_process_group()
+    if rank == 0:
+        # the counts of the manifest, after decoding: pairs whose images turned out undecodable are not in the cache
+        print(f"cache ready in {d.cache_dir}: {manifest['num_pairs']} pairs cached ({manifest['num_captions']} "
+              f"distinct captions, {manifest['num_images']} distinct images, {manifest['bytes_per_pair']} bytes per "
+              f"pair); rows skipped: {describe_skipped(manifest['skipped'])}")
+    return 0
+
+
+def _cmd_data_inspect(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from fastinpo.config import load_config
+    from fastinpo.data.inspection import format_report, inspect
+
+    target = Path(args.target)
+    if target.is_file() and target.suffix in (".toml", ".yaml", ".yml", ".json"):
+        config = load_config(target, args.set or [])
+    else:  # a data path: the config's defaults, the path and any --set
+        config = load_config(None, [f"data.path={target}", *(args.set or [])], validate=False)
+    d = config.data
+    report = inspect(_dataset(config), model_path=config.model.path or None, cache_dtype=d.cache_dtype,
+                     embed_dtype=d.cache_embed_dtype, store_std=d.latent_sample,
+                     sheet=None if args.no_sheet else args.sheet, sheet_pairs=args.pairs, progress=not args.json)
+    print(json.dumps(report, indent=1) if args.json else format_report(report))
     return 0
 
 
@@ -159,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, func, helptext in (
         ("train", _cmd_train, "train with a config (SFT, Diffusion-DPO, DDIM-InPO, Inversion-DPO)"),
-        ("cache", _cmd_cache, "precompute VAE latents and text embeddings for a config"),
+        ("cache", _cmd_cache, "precompute VAE latents and text embeddings for a config (on N processes: "
+                              "torchrun --nproc_per_node N -m fastinpo.cli cache CONFIG)"),
     ):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("config", nargs="?", help="TOML or YAML config file")
@@ -176,6 +236,19 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--allow-frozen-augmentation", action="store_true",
                            help="cache a dataset with random crop/flip anyway (one draw per pair, frozen)")
         p.set_defaults(func=func)
+
+    p = sub.add_parser("data", help="look at preference data: `fastinpo data inspect CONFIG|PATH`")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="DATA_COMMAND")
+    p = data_sub.add_parser("inspect", help="rows, usable pairs, skips by reason, distinct captions/images, projected "
+                            "cache size, and a contact sheet PNG (winner left, loser right, caption under)")
+    p.add_argument("target", help="a config file (TOML/YAML/JSON) or a data path (any kind of docs/DATA.md)")
+    p.add_argument("--set", action="append", metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. data.resolution=1024 or model.path=...")
+    p.add_argument("--sheet", default="contact_sheet.png", help="where the contact sheet PNG goes")
+    p.add_argument("--pairs", type=int, default=8, help="pairs on the contact sheet (default 8)")
+    p.add_argument("--no-sheet", action="store_true", help="no contact sheet")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=_cmd_data_inspect)
 
     p = sub.add_parser("make-tiny-pipeline", help="write a random SD1.5/SDXL/SD3 pipeline (diffusers layout): tiny, "
                        "or the real architectures with --size full")

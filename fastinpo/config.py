@@ -48,7 +48,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    path: str = _f("", "Pick-a-Pic-format data: a folder of parquet files or a datasets save_to_disk folder")
+    path: str = _f("", "preference pairs: Pick-a-Pic parquet folder/file, datasets save_to_disk folder, pair manifest (.jsonl/.csv/.parquet) or w/ + l/ folder (docs/DATA.md)")
     resolution: int = _f(1024, "training resolution R (SD1.5: 512, SDXL: 1024)")
     center_crop: bool = _f(True, "center crop after resizing the shorter side to R (else a seeded random crop)")
     random_flip: bool = _f(False, "flip both images of a pair together with probability 0.5")
@@ -59,9 +59,12 @@ class DataConfig:
     max_rows: int | None = _f(None, "use only the first N rows of the data")
     cache_dir: str | None = _f(None, "latent/text cache made by `fastinpo cache` (used when it matches, refused when stale)")
     cache_embed_dtype: Literal["float16", "bfloat16", "float32"] = _f(
-        "float16", "dtype the cache stores text embeddings in (latents are always float32)")
+        "float16", "dtype the cache stores text embeddings in (latents: data.cache_dtype)")
+    cache_dtype: Literal["float32", "bfloat16", "float16"] = _f(
+        "float32", "dtype the cache stores VAE latents (posterior mean and std) in: float32 exact, bfloat16/float16 half the bytes (errors in docs/DATA.md)")
     latent_sample: bool = _f(True, "draw a fresh VAE posterior sample each step (official) instead of the mean (false: the cache stores no std)")
     cache_batch_pairs: int = _f(2, "pairs per VAE call in `fastinpo cache` (2 pairs = 4 images)")
+    cache_shard_size: int = _f(256, "`fastinpo cache` shard: pairs per plan file, images per latents file, captions per text file (the unit split across ranks and resumed)")
     vae_slicing: bool = _f(False, "VAE encodes one image at a time inside a call (diffusers enable_slicing: the memory of one image; latents differ in the last bits from batched calls)")
     vae_tiling: bool = _f(False, "VAE encodes large images in overlapping tiles (diffusers enable_tiling: less memory; latents differ slightly)")
     num_workers: int = _f(0, "DataLoader worker processes")
@@ -182,7 +185,7 @@ class Config:
         if not 0 <= self.data.caption_dropout < 1:
             problems.append(f"data.caption_dropout must be in [0, 1), got {self.data.caption_dropout}")
         for key in ("train.max_steps", "train.pairs_per_batch", "train.grad_accum", "data.resolution",
-                    "data.cache_batch_pairs",
+                    "data.cache_batch_pairs", "data.cache_shard_size",
                     "method.inversion_levels", "method.num_steps", "method.grad_steps_per_call",
                     "method.nograd_steps_per_call"):
             section, name = key.split(".")
@@ -318,7 +321,8 @@ def local_path_problems(config: Config) -> list[str]:
            "a diffusers UNet folder (config.json + weights), e.g. a fastinpo export/unet/")
     if config.data.path and not Path(config.data.path).expanduser().exists():
         problems.append(f"data.path = {config.data.path!r} does not exist (a folder of Pick-a-Pic parquet files, "
-                        "one .parquet file, or a datasets save_to_disk folder)")
+                        "one .parquet file, a datasets save_to_disk folder, a pair manifest (.jsonl, .csv, "
+                        ".parquet) or a folder of w/ and l/ images; docs/DATA.md)")
     return problems
 
 
@@ -472,8 +476,10 @@ def _to_float(value):
     return value
 
 
-def from_dict(data: dict[str, Any]) -> Config:
-    """A validated :class:`Config` from nested dicts (types checked, ints accepted where floats are expected)."""
+def from_dict(data: dict[str, Any], *, validate: bool = True) -> Config:
+    """A validated :class:`Config` from nested dicts (types checked, ints accepted where floats are expected).
+    ``validate=False`` skips the checks of a training run (e.g. a required model.path) for commands that read only
+    part of the config (``fastinpo data inspect PATH``); keys and types are checked either way."""
     _check_keys(Config, data)
     try:
         config = dacite.from_dict(Config, data, config=dacite.Config(strict=True, type_hooks={float: _to_float}))
@@ -488,15 +494,16 @@ def from_dict(data: dict[str, Any]) -> Config:
         raise ValueError(f"invalid config: {err.field_path} must be {wanted}, got {err.value!r}{hint}") from None
     except dacite.DaciteError as err:
         raise ValueError(f"invalid config: {err}") from None
-    return config.validate()
+    return config.validate() if validate else config
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                validate: bool = True) -> Config:
     """Load a TOML/YAML/JSON config file (or start from defaults), apply ``section.key=value`` overrides."""
     data = _read_file(path) if path is not None else {}
     for override in overrides:
         _apply_override(data, override)
-    return from_dict(data)
+    return from_dict(data, validate=validate)
 
 
 def save_config(config: Config, path: str | Path) -> None:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -116,52 +118,56 @@ def test_empty_caption_stored(tmp_path, data_dir):
     assert pooled is None and torch.equal(prompt, FakeEncoder("sd15").encode_text([""])[0][0])
 
 
+def _files(folder):
+    """{relative path: bytes} of every file of a cache folder."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def test_resume_after_interruption_recomputes_nothing_done(tmp_path):
     write_pickapic_parquet(tmp_path / "data" / "p.parquet", synthetic_rows(11, R, seed=1))  # ties at rows 4, 9
-    ds = PickAPicDataset(tmp_path / "data", R)  # 9 pairs -> shards of 3: [0,3) [3,6) [6,9), batches of 2 + 1
+    ds = PickAPicDataset(tmp_path / "data", R)  # 9 pairs, 18 distinct images -> 6 latents shards of 3
     cache = tmp_path / "cache"
 
     class Stop(Exception):
         pass
 
-    def stop_after_first(k):
-        raise Stop
+    def stop_at_second_latents(name):
+        if name == "latents-00001.safetensors":
+            raise Stop
 
     first = FakeEncoder()
     with pytest.raises(Stop):
-        build_cache(ds, first, cache, shard_size=3, batch_size=2, progress=False, on_shard_done=stop_after_first)
-    assert first.image_calls == 2
-    shard0 = (cache / "shard-00000.safetensors").stat()
+        build_cache(ds, first, cache, shard_size=3, batch_size=1, progress=False, on_shard_done=stop_at_second_latents)
+    assert first.image_calls == 4  # 2 shards of 3 images, 2 images per call: 2 calls each
+    kept = {n: (cache / n).stat().st_mtime_ns for n in ("latents-00000.safetensors", "latents-00001.safetensors",
+                                                        "plan/pairs-00000.safetensors", "empty_caption.safetensors")}
     ok, reasons = cache_matches(cache, expected_cache_signature(ds, first, torch.float16))
-    assert not ok and "incomplete: 1 of 3 shards" in reasons[0]
+    assert not ok and "incomplete" in reasons[0]
     with pytest.raises(StaleCacheError, match="(?s)incomplete.*Finish it with `fastinpo cache CONFIG`: the build"):
         CachedPairDataset(cache, expect={})
 
-    # a crash in the middle of shard 1 (second batch): nothing of shard 1 is recorded
+    # a crash in the middle of latents shard 2 (its second VAE call): nothing of shard 2 is written
     crash = FakeEncoder(fail_after_images=1)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        build_cache(ds, crash, cache, shard_size=3, batch_size=2, progress=False)
-    assert read_manifest(cache)["shards"][1] is None
+        build_cache(ds, crash, cache, shard_size=3, batch_size=1, progress=False)
+    assert not (cache / "latents-00002.safetensors").exists()
 
     second = FakeEncoder()
-    manifest = build_cache(ds, second, cache, shard_size=3, batch_size=2, progress=False)
-    assert manifest["complete"]
-    assert second.image_calls == 4  # shards 1 and 2 only (2 batches each); shard 0 kept
-    assert second.text_calls == 4  # the empty caption was not encoded again
-    assert (cache / "shard-00000.safetensors").stat().st_mtime_ns == shard0.st_mtime_ns
-    assert not list(cache.glob(".*tmp*"))
+    manifest = build_cache(ds, second, cache, shard_size=3, batch_size=1, progress=False)
+    assert manifest["complete"] and manifest["num_pairs"] == 9
+    assert second.image_calls == 8  # latents shards 2..5 only (2 calls each); 0 and 1 kept
+    assert second.text_calls == 6  # 3 text shards of 3 captions, 2 per call; the empty caption not encoded again
+    assert {n: (cache / n).stat().st_mtime_ns for n in kept} == kept
+    assert not list(cache.rglob(".*tmp*"))
 
-    # identical to an uninterrupted build
+    # byte-identical to an uninterrupted build
     fresh = tmp_path / "fresh"
-    build_cache(ds, FakeEncoder(), fresh, shard_size=3, batch_size=2, progress=False)
-    a, b = CachedPairDataset(cache, expect={}), CachedPairDataset(fresh, expect={})
-    assert len(a) == len(b) == 9
-    for i in range(len(a)):
-        assert torch.equal(a[i].latent_mean, b[i].latent_mean) and torch.equal(a[i].prompt_embeds, b[i].prompt_embeds)
+    build_cache(ds, FakeEncoder(), fresh, shard_size=3, batch_size=1, progress=False)
+    assert _files(cache) == _files(fresh)
 
     # a complete cache is not recomputed at all
     third = FakeEncoder()
-    build_cache(ds, third, cache, shard_size=3, batch_size=2, progress=False)
+    build_cache(ds, third, cache, shard_size=3, batch_size=1, progress=False)
     assert third.image_calls == third.text_calls == 0
 
 
@@ -187,6 +193,7 @@ def test_stale_cache_refused_with_key_names(tmp_path, data_dir):
     msg = refused(expected_cache_signature(ds, FakeEncoder(identity="another@2"), torch.float16), "model_identity")
     assert '"fake-model@1", expected "another@2"' in msg
     refused(expected_cache_signature(ds, enc, torch.bfloat16), "embed_dtype")
+    refused(expected_cache_signature(ds, enc, torch.float16, torch.bfloat16), "latent_dtype")
     refused(expected_cache_signature(PickAPicDataset(data_dir, R, keep_ties=True), enc, torch.float16),
             "keep_ties", "num_candidate_rows", "index_digest")
     # changed rows: one caption edited and one row added -> the source fingerprint and the index differ
@@ -235,15 +242,106 @@ def test_manifest_contents(tmp_path, data_dir):
     ds = PickAPicDataset(data_dir, R)
     build_cache(ds, FakeEncoder(), tmp_path / "c", shard_size=5, progress=False)
     m = json.loads((tmp_path / "c" / "manifest.json").read_text())
-    assert m["format_version"] == 1 and m["num_shards"] == 2 and m["complete"]
+    assert m["format_version"] == 2 and m["complete"] and m["num_pairs"] == 8
+    assert m["num_images"] == 18 and m["num_captions"] == 9  # 9 usable rows planned, 1 found undecodable later
     sig = m["signature"]
     assert sig["model_identity"] == "fake-model@1" and sig["arch"] == "sdxl" and sig["embed_dtype"] == "float16"
+    assert sig["latent_dtype"] == "float32"
     assert {k: sig[k] for k in ("resolution", "crop", "random_flip", "keep_ties", "per_sample_time_ids",
                                 "max_rows")} == {"resolution": R, "crop": "center", "random_flip": False,
                                                  "keep_ties": False, "per_sample_time_ids": False, "max_rows": None}
-    assert m["shards"][1]["skipped"] == {"6": "undecodable_image"} and m["shards"][1]["count"] == 3
-    assert m["empty_caption"]["file"] == "empty_caption.safetensors"
-    assert all((tmp_path / "c" / f"shard-0000{k}.safetensors").is_file() for k in (0, 1))
+    assert m["skipped"] == {"tie": 2, "undecodable_image": 1}
+    assert [len(m["files"][k]) for k in ("plan", "latents", "text", "pairs", "empty_caption")] == [2, 4, 2, 1, 1]
+    total = sum(p.stat().st_size for p in (tmp_path / "c").rglob("*.safetensors"))
+    assert m["bytes_total"] == total and m["bytes_per_pair"] == round(total / 8, 1)
+
+
+def test_old_format_cache_is_refused_with_how_to_rebuild_and_never_deleted(tmp_path, data_dir):
+    ds = PickAPicDataset(data_dir, R)
+    enc = FakeEncoder()
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "manifest.json").write_text(json.dumps({"format": "fastinpo-cache", "format_version": 1,
+                                                   "signature": {}, "complete": True, "shards": []}))
+    (old / "shard-00000.safetensors").write_bytes(b"old data")
+    with pytest.raises(StaleCacheError, match="(?s)cache format 1.*--overwrite"):
+        CachedPairDataset(old, expect=expected_cache_signature(ds, enc))
+    with pytest.raises(StaleCacheError, match="(?s)cache format 1.*--overwrite"):
+        build_cache(ds, enc, old, progress=False)
+    assert (old / "shard-00000.safetensors").read_bytes() == b"old data"  # refused, not destroyed
+    build_cache(ds, enc, old, progress=False, overwrite=True)
+    assert not (old / "shard-00000.safetensors").exists() and read_manifest(old)["format_version"] == 2
+    # files of a cache without its manifest are not adopted either
+    (tmp_path / "orphan").mkdir()
+    (tmp_path / "orphan" / "latents-00000.safetensors").write_bytes(b"x")
+    with pytest.raises(StaleCacheError, match="no manifest.json"):
+        build_cache(ds, enc, tmp_path / "orphan", progress=False)
+
+
+def pickapic_shaped_rows(captions: int, images_per_caption: int, res: int = 40, seed: int = 0):
+    """Pick-a-Pic's shape in small: each caption has a few generated images and its pairs are all of their
+    combinations, so images recur across pairs and captions across many pairs. Label 1 and 0 alternate."""
+    import itertools
+
+    from fastinpo.data.pickapic import _synthetic_image, encode_image
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for c in range(captions):
+        imgs = [encode_image(_synthetic_image(rng, res + k, res, warm=k % 2 == 0)) for k in range(images_per_caption)]
+        for a, b in itertools.combinations(range(images_per_caption), 2):
+            l0 = float(len(rows) % 2)
+            rows.append({"caption": f"prompt {c}", "jpg_0": imgs[a], "jpg_1": imgs[b], "label_0": l0,
+                         "label_1": 1.0 - l0})
+    return rows
+
+
+def _payload(folder, pattern):
+    """Bytes of the tensors (not the headers) of a cache's files matching ``pattern``."""
+    from safetensors.torch import load_file
+
+    return sum(t.numel() * t.element_size() for p in folder.glob(pattern) for t in load_file(p).values())
+
+
+def test_dedup_shrinks_a_pickapic_shaped_set_by_its_reuse_factor(tmp_path):
+    rows = pickapic_shaped_rows(4, 4)  # 24 pairs, 4 captions, 16 images
+    write_pickapic_parquet(tmp_path / "shaped" / "p.parquet", rows)
+    # the same number of pairs with nothing reused: every caption and every image distinct
+    unique = pickapic_shaped_rows(24, 2, seed=1)[:24]
+    for k, r in enumerate(unique):
+        r["caption"] = f"unique {k}"
+    write_pickapic_parquet(tmp_path / "unique" / "p.parquet", unique)
+    enc = FakeEncoder()
+    m = build_cache(PickAPicDataset(tmp_path / "shaped", R), enc, tmp_path / "c1", shard_size=8, progress=False)
+    u = build_cache(PickAPicDataset(tmp_path / "unique", R), enc, tmp_path / "c2", shard_size=8, progress=False)
+    assert (m["num_pairs"], m["num_images"], m["num_captions"]) == (24, 16, 4)
+    assert (u["num_pairs"], u["num_images"], u["num_captions"]) == (24, 48, 24)
+    # latents: 2 per pair without reuse, 16/24 per pair here -> 3x smaller; text: 1 per pair vs 4/24 -> 6x
+    assert _payload(tmp_path / "c2", "latents-*") == 3 * _payload(tmp_path / "c1", "latents-*")
+    assert _payload(tmp_path / "c2", "text-*") == 6 * _payload(tmp_path / "c1", "text-*")
+    assert m["bytes_per_pair"] < u["bytes_per_pair"] / 2.5  # whole files, headers and pair tables included
+    # and the pairs are the same ones as read on the fly
+    ds = PickAPicDataset(tmp_path / "shaped", R)
+    cached = CachedPairDataset(tmp_path / "c1", expect={})
+    for i in range(len(ds)):
+        raw, mean, std, prompt, pooled = on_the_fly(ds, enc, [i])
+        assert torch.equal(cached[i].latent_mean, torch.stack([mean[0], mean[1]]))
+        assert torch.equal(cached[i].prompt_embeds, prompt[0].half().float())
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cache_dtype_rounds_latents_once(tmp_path, data_dir, dtype):
+    ds = PickAPicDataset(data_dir, R)
+    enc = FakeEncoder()
+    build_cache(ds, enc, tmp_path / "c", cache_dtype=dtype, progress=False)
+    build_cache(ds, enc, tmp_path / "f", progress=False)
+    low, exact = CachedPairDataset(tmp_path / "c", expect={}), CachedPairDataset(tmp_path / "f", expect={})
+    assert low.manifest["signature"]["latent_dtype"] == dtype
+    for i in range(len(exact)):
+        want = exact[i].latent_mean
+        assert low[i].latent_mean.dtype == torch.float32
+        assert torch.equal(low[i].latent_mean, want.to(getattr(torch, dtype)).float())
+    assert low.manifest["bytes"]["latents"] < 0.6 * exact.manifest["bytes"]["latents"]
 
 
 # ----------------------------------------------------------------------------------------------- real encoder
@@ -287,3 +385,43 @@ def test_end_to_end_with_tiny_pipeline(tmp_path, data_dir, tiny_pipelines, arch)
     assert cache_matches(tmp_path / "c", expected_cache_signature(ds, light, torch.float16)) == (True, [])
     assert torch.equal(prompt, ref_prompt[0].half().float())
     assert (pooled is None) == (arch == "sd15")
+
+
+@pytest.mark.parametrize("arch", ["sd15", "sdxl"])
+def test_training_from_a_deduplicated_cache_equals_training_on_the_fly(tmp_path, tiny_pipelines, arch, monkeypatch):
+    from fastinpo.cli import main
+    from fastinpo.config import load_config
+    from fastinpo.models.sd import Encoder
+    from fastinpo.train import train
+
+    # The on-the-fly path trains on the VAE's posterior mean/std as returned: views into its moments tensor (not
+    # contiguous), which changes the summation order of the loss's reductions in the last bits (measured: losses
+    # 0.65437 vs 0.65416 at step 2 on this set, with the cache and the old per-pair cache giving the same 0.65416).
+    # Given the same memory layout, the cached and the on-the-fly data train to the same numbers, bit for bit.
+    # (Making Encoder.encode_images return contiguous tensors would change today's on-the-fly numbers, the demo's
+    # included, so it is left to a separate change.)
+    encode_images = Encoder.encode_images
+    monkeypatch.setattr(Encoder, "encode_images", lambda self, px: tuple(t.contiguous()
+                                                                         for t in encode_images(self, px)))
+
+    write_pickapic_parquet(tmp_path / "d" / "p.parquet", pickapic_shaped_rows(3, 5))  # 30 pairs, 15 images
+    # 14 images per VAE call: the 15th is alone in its batch (encoded beside a copy of itself, see the builder)
+    base = [f"model.path={tiny_pipelines[arch]}", f"data.path={tmp_path / 'd'}", f"data.resolution={R}",
+            "data.cache_batch_pairs=7",
+            "method.name=diffusion-dpo", "train.max_steps=3", "train.pairs_per_batch=2", "train.log_every=1",
+            "train.progress=false", "optim.lr=1e-4", "optim.scale_lr=false", "data.caption_dropout=0.5",
+            "data.cache_embed_dtype=float32"]
+    cache = [f"data.cache_dir={tmp_path / 'cache'}"]
+    args = ["cache"] + [a for o in base + cache for a in ("--set", o)]
+    assert main(args) == 0
+    m = read_manifest(tmp_path / "cache")
+    assert (m["num_pairs"], m["num_images"], m["num_captions"]) == (30, 15, 3)
+
+    def losses(extra, out):
+        summary = train(load_config(None, [*base, *extra, f"train.output_dir={tmp_path / out}"]))
+        assert summary["step"] == 3
+        return [json.loads(x)["loss"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+
+    cached, fly = losses(cache, "cached"), losses([], "fly")
+    assert all(math.isfinite(x) for x in fly)
+    assert cached == fly  # float32 latents and embeddings: the same numbers, bit for bit

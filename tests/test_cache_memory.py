@@ -54,7 +54,7 @@ def test_no_std_stored_without_latent_sampling_and_a_sampling_run_refuses_it(tin
     assert _cache(tiny_pipelines, tmp_path, "data.latent_sample=false") == 0
     manifest = read_manifest(tmp_path / "c")
     assert manifest["build"]["store_std"] is False
-    with safe_open(str(tmp_path / "c" / manifest["shards"][0]["file"]), framework="pt") as f:
+    with safe_open(str(tmp_path / "c" / manifest["files"]["latents"][0]["file"]), framework="pt") as f:
         assert "latent_std" not in f.keys() and "latent_mean" in f.keys()
     over = [f"model.path={tiny_pipelines['sd15']}", f"data.path={tmp_path / 'd'}", f"data.cache_dir={tmp_path / 'c'}",
             f"data.resolution={R}"]

@@ -30,9 +30,18 @@ OTHER_PROGRAMS = {  # flag -> the program it belongs to
 
 
 def _subcommand_options() -> dict[str, set[str]]:
+    def options(p) -> set[str]:
+        """A parser's options and those of its own subcommands (`fastinpo data inspect --sheet` counts for
+        `fastinpo data`)."""
+        found = {o for a in p._actions for o in a.option_strings}
+        for a in p._actions:
+            if isinstance(a, argparse._SubParsersAction):
+                found |= set().union(*(options(c) for c in a.choices.values()))
+        return found
+
     parser = build_parser()
     (sub,) = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    return {name: {o for a in p._actions for o in a.option_strings} for name, p in sub.choices.items()}
+    return {name: options(p) for name, p in sub.choices.items()}
 
 
 def _strings() -> list[tuple[str, int, str]]:

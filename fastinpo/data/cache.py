@@ -1,30 +1,38 @@
 """The latent / text-embedding cache (`fastinpo cache`): encode a preference dataset once, train many times.
 
-Layout of a cache folder::
+Each distinct caption is encoded once and each distinct image once; a pair holds a caption index and two image
+indices. Pick-a-Pic has tens of thousands of captions for a million pairs and its images recur across pairs, so
+this is what makes an SDXL cache fit on a disk (docs/DATA.md gives the measured and projected bytes per pair).
 
-    manifest.json                 what was cached and how (see below); the single source of truth
-    empty_caption.safetensors     the encoded "" caption (caption dropout, SPEC §1): prompt_embeds (L, D),
-                                  pooled_embeds (P,) for SDXL, in the embed dtype
-    shard-00000.safetensors       pairs [0, S) of the dataset, then [S, 2S), ...
+Layout of a cache folder (format 2)::
 
-A shard holds, for its n usable pairs (winner first along dim 1):
-``latent_mean`` / ``latent_std`` ``(n, 2, C, h, w)`` float32 (VAE posterior mean and std times
-``scaling_factor``: training still draws a fresh sample each step, SPEC §1), ``prompt_embeds`` ``(n, L, D)`` and
-``pooled_embeds`` ``(n, P)`` in the embed dtype, ``time_ids`` ``(n, 2, 6)`` float32 (SDXL), ``rows`` ``(n,)``
-int64 (source row indices) and ``row_hash`` ``(n, 32)`` uint8 (sha256 of each source row's caption, image bytes
-and labels, :func:`fastinpo.data.pickapic.row_hash`).
+    manifest.json                 what was cached and how; the single source of truth
+    empty_caption.safetensors     the encoded "" caption (caption dropout, SPEC §1), embed dtype
+    plan/pairs-00000.safetensors  pass 1, per shard of ``shard_size`` dataset pairs: kept pairs' ``index``, ``rows``,
+                                  ``row_hash`` (n, 32), ``image_key`` (n, 2, 32) (sha256 of each image's bytes;
+                                  with random crop/flip also of the row), ``caption_key`` (n, 32); metadata: the
+                                  captions and the rows skipped because an image is missing
+    text-00000.safetensors        distinct captions [0, S), in order of first appearance: every named tensor of
+                                  the text encoders (``prompt_embeds`` (m, L, D), ``pooled_embeds`` (m, P) for
+                                  SDXL...) in the embed dtype (``data.cache_embed_dtype``)
+    latents-00000.safetensors     distinct images [0, S), in order of first appearance: ``latent_mean`` and
+                                  ``latent_std`` (m, C, h, w) (VAE posterior times ``scaling_factor``: training
+                                  still draws a fresh sample each step) in ``data.cache_dtype``, ``time_ids``
+                                  (m, 6) float32 (SDXL), ``ok`` (m,) uint8 (0: the image could not be decoded)
+    pairs.safetensors             ``caption_index`` (N,), ``image_index`` (N, 2) winner first, ``rows`` (N,),
+                                  ``row_hash`` (N, 32) uint8 (:func:`fastinpo.data.pickapic.row_hash`)
 
-``manifest.json`` records the cache signature (:func:`expected_cache_signature`: model identity, arch,
-preprocessing options, embed dtype, a fingerprint of the source data), the build options, and one entry per
-completed shard (its pair range, source rows range, count, rows skipped because an image turned out
-undecodable, a digest of its row hashes). The per-row hashes live in the shards rather than in the manifest
-because the manifest is rewritten after every shard: with a million rows a manifest holding 64-character hashes
-would be rewritten as ~70 MB thousands of times.
+The build (:func:`build_cache`) runs in three passes, each split by shard over the processes of a ``torchrun``
+launch (shard ``k`` to rank ``k mod W``): the plan (read image bytes and hash them: no model), the encoding of the
+distinct images and captions (every rank derives the same global order from the plan files), and the pairs table
+with the final manifest (rank 0). Every file is written to a temporary name and moved into place with
+``os.replace``, so a build killed at any point resumes with the shards that exist and recomputes none of them; a
+shard's content depends only on the data and the settings, never on the number of processes, so a build on N
+processes is byte-identical to a one-process build.
 
-Every file is written to a temporary name and moved into place with ``os.replace``, and a shard is entered in
-the manifest only after its file is complete, so an interrupted build resumes at the first missing shard and
-recomputes nothing already done. Training (:class:`CachedPairDataset`) refuses a cache whose signature differs
-from what the training config expects, or an incomplete one, with :class:`StaleCacheError`.
+Training (:class:`CachedPairDataset`) refuses a cache whose signature differs from what the training config
+expects, an incomplete one, or one of the older per-pair format 1, with :class:`StaleCacheError` and the command
+that rebuilds it (nothing is ever deleted without ``--overwrite``).
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ import hashlib
 import json
 import math
 import os
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,31 +52,44 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from fastinpo.data.batch import EncodedPair, collate_raw
+from fastinpo.data.batch import EncodedPair
 
-CACHE_FORMAT_VERSION = 1
+CACHE_FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 EMPTY_CAPTION = "empty_caption.safetensors"
+PAIRS = "pairs.safetensors"
+PLAN_DIR = "plan"
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+SKIP_MISSING_IMAGE = "missing_image"
 
 
 class StaleCacheError(ValueError):
-    """The cache does not match what training expects (or is incomplete / missing)."""
+    """The cache does not match what training expects (or is incomplete / missing / of an older format)."""
 
 
 # What to do about a cache that does not match the config (every message that refuses one says it).
 REBUILD_HINT = ("Rebuild it for this config with `fastinpo cache CONFIG --overwrite` (replaces that cache), or set "
                 "data.cache_dir to a new folder and run `fastinpo cache CONFIG`.")
+OLD_FORMAT = ("it was written in cache format {found} (one copy of the latents and text embedding per pair) and this "
+              "fastinpo reads format " + str(CACHE_FORMAT_VERSION) + " (one copy per distinct image and caption)")
 
 
-def shard_name(k: int) -> str:
-    return f"shard-{k:05d}.safetensors"
+def plan_name(k: int) -> str:
+    return f"{PLAN_DIR}/pairs-{k:05d}.safetensors"
 
 
-def _dtype_name(dtype: torch.dtype | str) -> str:
+def latents_name(k: int) -> str:
+    return f"latents-{k:05d}.safetensors"
+
+
+def text_name(k: int) -> str:
+    return f"text-{k:05d}.safetensors"
+
+
+def _dtype_name(dtype: torch.dtype | str, what: str = "embed dtype") -> str:
     name = dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ValueError(f"embed dtype must be one of {sorted(_DTYPES)}, got {dtype!r}")
+        raise ValueError(f"{what} must be one of {sorted(_DTYPES)}, got {dtype!r}")
     return name
 
 
@@ -76,7 +98,8 @@ def _jsonable(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def expected_cache_signature(dataset, encoder, embed_dtype: torch.dtype | str = torch.float16) -> dict[str, Any]:
+def expected_cache_signature(dataset, encoder, embed_dtype: torch.dtype | str = torch.float16,
+                             latent_dtype: torch.dtype | str = torch.float32) -> dict[str, Any]:
     """Everything a cached pair depends on. ``build_cache`` writes it and the trainer compares it with the
     manifest: one function so the two cannot drift.
 
@@ -91,6 +114,7 @@ def expected_cache_signature(dataset, encoder, embed_dtype: torch.dtype | str = 
         "arch": str(encoder.arch),
         **dataset.preprocessing_options(),
         "embed_dtype": _dtype_name(embed_dtype),
+        "latent_dtype": _dtype_name(latent_dtype, "data.cache_dtype"),
         "source_files": dataset.source_fingerprint(),
         "num_candidate_rows": int(dataset.num_candidate_rows),
         "index_digest": str(dataset.index_digest),
@@ -108,9 +132,13 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Metadata goes in ONE key (``fastinpo``, sorted JSON): safetensors writes several keys in a random order,
+    and a shard's bytes must not depend on the process that wrote it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    meta = {"fastinpo": json.dumps({"format_version": CACHE_FORMAT_VERSION, **metadata}, sort_keys=True)}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -131,7 +159,7 @@ def read_manifest(cache_dir: str | os.PathLike) -> dict | None:
                               "--overwrite`") from err
 
 
-def _shard_ok(cache_dir: Path, entry: dict | None) -> bool:
+def _file_ok(cache_dir: Path, entry: dict | None) -> bool:
     if not entry:
         return False
     path = cache_dir / entry["file"]
@@ -154,72 +182,215 @@ def _short(v: Any, limit: int = 160) -> str:
     return s if len(s) <= limit else s[:limit] + "..."
 
 
-# ----------------------------------------------------------------------------------------------- building
-def _encode_batch(encoder, pairs: list) -> dict[str, torch.Tensor]:
-    """Pairs -> per-pair tensors (winner first along dim 1), float32 on CPU."""
-    raw = collate_raw(pairs)
-    b = len(pairs)
+def _cache_files(cache_dir: Path) -> list[Path]:
+    """Every file a cache of either format holds (what --overwrite replaces)."""
+    names = ["shard-*.safetensors", "latents-*.safetensors", "text-*.safetensors", f"{PLAN_DIR}/*.safetensors"]
+    found = [p for pattern in names for p in cache_dir.glob(pattern)]
+    return found + [p for p in (cache_dir / EMPTY_CAPTION, cache_dir / PAIRS, cache_dir / MANIFEST) if p.exists()]
+
+
+def _clear(cache_dir: Path) -> None:
+    for p in _cache_files(cache_dir):
+        p.unlink()
+
+
+def _meta(f) -> dict[str, Any]:
+    """The metadata :func:`_atomic_save_tensors` wrote, from an open safetensors file."""
+    return json.loads((f.metadata() or {}).get("fastinpo", "{}"))
+
+
+def _key_bytes(data: bytes, row: int | None) -> bytes:
+    h = hashlib.sha256(data)
+    if row is not None:  # a random crop/flip is drawn per row: the same bytes in two rows are two images
+        h.update(f"\x1frow:{row}".encode())
+    return h.digest()
+
+
+def text_tensors(encoder, captions: list[str]) -> dict[str, torch.Tensor]:
+    """The text conditioning of ``captions`` as named tensors (float32, CPU), the form the cache stores: an
+    encoder may provide ``encode_text_named`` (any names, e.g. a pooled + sequence embedding per text encoder);
+    otherwise ``encode_text``'s ``(prompt_embeds, pooled_embeds or None)``."""
     with torch.no_grad():
-        mean, std = encoder.encode_images(raw.pixels)
-        prompt, pooled = encoder.encode_text(raw.captions)
-
-    def per_pair(x):  # (2B, ...) winners first, then losers -> (B, 2, ...)
-        x = x.detach().float().cpu()
-        return torch.stack([x[:b], x[b:]], 1)
-
-    out = {"latent_mean": per_pair(mean), "latent_std": per_pair(std),
-           "prompt_embeds": prompt.detach().float().cpu()}
-    if pooled is not None:
-        out["pooled_embeds"] = pooled.detach().float().cpu()
-    return out
+        named = getattr(encoder, "encode_text_named", None)
+        if named is not None:
+            out = named(captions)
+        else:
+            prompt, pooled = encoder.encode_text(captions)
+            out = {"prompt_embeds": prompt} if pooled is None else {"prompt_embeds": prompt, "pooled_embeds": pooled}
+    return {k: v.detach().float().cpu() for k, v in out.items()}
 
 
-def _encode_range(dataset, encoder, start: int, stop: int, batch_size: int, bar):
-    """Encode pairs ``[start, stop)`` of ``dataset`` in batches; rows with undecodable images are reported in
-    ``skipped`` (``{row: reason}``) and NOT substituted (as ``__getitem__`` does): a cache holds each usable row
-    at most once."""
-    parts: dict[str, list[torch.Tensor]] = {}
-    rows, hashes, time_ids, skipped = [], [], [], {}
-    pending: list = []
+# ----------------------------------------------------------------------------------------------- pass 1: the plan
+def _plan_shard(dataset, start: int, stop: int, random_aug: bool, bar) -> tuple[dict, dict]:
+    index, rows, row_hashes, image_keys, caption_keys, captions, skipped = [], [], [], [], [], [], {}
+    for i in range(start, stop):
+        row, caption, win, lose, rh = dataset.read_pair_bytes(i)
+        bar.update(1)
+        if win is None or lose is None:
+            skipped[str(row)] = SKIP_MISSING_IMAGE
+            continue
+        index.append(i)
+        rows.append(row)
+        row_hashes.append(bytes.fromhex(rh))
+        r = row if random_aug else None
+        image_keys.append(_key_bytes(win, r) + _key_bytes(lose, r))
+        caption_keys.append(hashlib.sha256(caption.encode()).digest())
+        captions.append(caption)
+
+    def u8(parts, *shape):
+        return torch.from_numpy(np.frombuffer(b"".join(parts), dtype=np.uint8).copy()).reshape(-1, *shape)
+
+    tensors = {"index": torch.tensor(index, dtype=torch.int64).reshape(-1),
+               "rows": torch.tensor(rows, dtype=torch.int64).reshape(-1),
+               "row_hash": u8(row_hashes, 32), "image_key": u8(image_keys, 2, 32), "caption_key": u8(caption_keys, 32)}
+    return tensors, {"captions": captions, "skipped": skipped}
+
+
+class _Plan:
+    """The global order of distinct images and captions, derived from the plan shards alone (so every rank
+    computes the same one without talking to the others)."""
+
+    def __init__(self, cache_dir: Path, n_plan: int):
+        parts: dict[str, list] = {k: [] for k in ("index", "rows", "row_hash", "image_key", "caption_key")}
+        skipped: dict[str, str] = {}
+        for k in range(n_plan):
+            with safe_open(str(cache_dir / plan_name(k)), framework="pt") as f:
+                for key in parts:
+                    parts[key].append(f.get_tensor(key))
+                skipped.update(_meta(f)["skipped"])
+        cat = {k: torch.cat(v).numpy() for k, v in parts.items()}
+        self.index, self.rows, self.row_hash = cat["index"], cat["rows"], cat["row_hash"]
+        self.missing = skipped
+        self.num_pairs = len(self.index)
+        n = self.num_pairs
+        # distinct images, numbered in order of first appearance (pair order, winner before loser)
+        self.image_index, first = _first_appearance(cat["image_key"].reshape(2 * n, 32))
+        self.image_index = self.image_index.reshape(n, 2)
+        self.image_pair, self.image_side = first // 2, first % 2  # where each distinct image is read from
+        self.caption_index, self.caption_first = _first_appearance(cat["caption_key"])
+        self._cache_dir, self._n_plan = cache_dir, n_plan
+
+    @property
+    def num_images(self) -> int:
+        return len(self.image_pair)
+
+    @property
+    def num_captions(self) -> int:
+        return len(self.caption_first)
+
+    def captions(self, start: int, stop: int) -> list[str]:
+        """The text of distinct captions [start, stop) (read back from the plan shards' metadata)."""
+        want = self.caption_first[start:stop]
+        out: dict[int, str] = {}
+        offset = 0
+        for k in range(self._n_plan):
+            with safe_open(str(self._cache_dir / plan_name(k)), framework="pt") as f:
+                caps = _meta(f)["captions"]
+            for pos in want[(want >= offset) & (want < offset + len(caps))].tolist():
+                out[pos] = caps[pos - offset]
+            offset += len(caps)
+        return [out[p] for p in want.tolist()]
+
+
+def _first_appearance(keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``keys`` (n, 32) uint8 -> ``(ids (n,), first (m,))``: ids of equal keys equal, numbered in order of first
+    appearance, and the position of each id's first appearance. Sort-based: no dict of all keys."""
+    if len(keys) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    void = np.ascontiguousarray(keys).view(np.dtype((np.void, keys.shape[1]))).ravel()
+    _, first, inverse = np.unique(void, return_index=True, return_inverse=True)
+    order = np.argsort(first, kind="stable")  # unique ids sorted by first appearance
+    rank = np.empty_like(order)
+    rank[order] = np.arange(len(order))
+    return rank[inverse.ravel()].astype(np.int64), first[order].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------- pass 2: encoding
+def _encode_images(dataset, encoder, plan: _Plan, start: int, stop: int, batch_images: int, store_std: bool,
+                   ldtype: torch.dtype, arch: str, bar) -> tuple[dict, dict]:
+    means, stds, tids, ok, reasons = [], [], [], [], {}
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+    results: dict[int, tuple] = {}
 
     def flush():
         if pending:
-            for key, val in _encode_batch(encoder, pending).items():
-                parts.setdefault(key, []).append(val)
-            time_ids.extend(p.time_ids for p in pending)
+            pixels = torch.stack([p for _, p, _ in pending])
+            if len(pending) == 1:
+                # A lone image is encoded beside a copy of itself: CPU convolution kernels give other last bits
+                # for a batch of one, and training on the fly always encodes pairs (two images at least); the
+                # same latents either way is what makes training from the cache equal training on the fly.
+                pixels = torch.cat([pixels, pixels])
+            with torch.no_grad():
+                mean, std = encoder.encode_images(pixels)
+            for k, (j, _, t) in enumerate(pending):
+                results[j] = (mean[k].detach().float().cpu(), std[k].detach().float().cpu(), t)
             pending.clear()
 
-    for i in range(start, stop):
-        rec = dataset.read_pair(i)
-        if rec.pair is None:
-            skipped[str(rec.row)] = rec.skip_reason
-        else:
-            rows.append(rec.row)
-            hashes.append(bytes.fromhex(rec.row_hash))
-            pending.append(rec.pair)
-            if len(pending) == batch_size:
-                flush()
+    for j in range(start, stop):
+        got = dataset.read_image(int(plan.index[plan.image_pair[j]]), int(plan.image_side[j]))
         bar.update(1)
+        if isinstance(got, str):
+            reasons[str(j)] = got
+            continue
+        pending.append((j, got[0], got[1]))
+        if len(pending) == batch_images:
+            flush()
     flush()
-    return parts, rows, hashes, time_ids, skipped
+    if not results:  # every image of the shard undecodable: shapes from nothing, nothing reads them
+        shape = (0,)
+    else:
+        shape = next(iter(results.values()))[0].shape
+    for j in range(start, stop):
+        m, s, t = results.get(j, (torch.zeros(shape), torch.zeros(shape), torch.zeros(6)))
+        means.append(m)
+        stds.append(s)
+        tids.append(t)
+        ok.append(j in results)
+    tensors = {"latent_mean": torch.stack(means).to(ldtype), "ok": torch.tensor(ok, dtype=torch.uint8)}
+    if store_std:
+        tensors["latent_std"] = torch.stack(stds).to(ldtype)
+    if arch == "sdxl":
+        tensors["time_ids"] = torch.stack(tids).float()
+    return tensors, {"undecodable": reasons}
 
 
+def _encode_captions(encoder, captions: list[str], batch: int, edtype: torch.dtype) -> dict[str, torch.Tensor]:
+    parts: dict[str, list[torch.Tensor]] = {}
+    for s in range(0, len(captions), batch):
+        for k, v in text_tensors(encoder, captions[s:s + batch]).items():
+            parts.setdefault(k, []).append(v)
+    return {k: torch.cat(v).to(edtype) for k, v in parts.items()}
+
+
+# ----------------------------------------------------------------------------------------------- building
 def build_cache(dataset, encoder, cache_dir: str | os.PathLike, *, shard_size: int = 256, batch_size: int = 8,
-                store_std: bool = True, embed_dtype: torch.dtype | str = torch.float16, progress: bool = True,
+                store_std: bool = True, embed_dtype: torch.dtype | str = torch.float16,
+                cache_dtype: torch.dtype | str = torch.float32, progress: bool = True,
                 allow_frozen_augmentation: bool = False, overwrite: bool = False,
-                on_shard_done: Callable[[int], None] | None = None) -> dict:
+                on_shard_done: Callable[[str], None] | None = None, rank: int = 0, world_size: int = 1,
+                barrier: Callable[[], None] | None = None) -> dict:
     """Encode every usable pair of ``dataset`` with ``encoder`` into ``cache_dir`` and return the manifest.
 
-    Resumable: completed shards of a previous, interrupted build with the same signature and options are kept;
-    a complete matching cache returns at once. A folder holding a cache for *other* settings is an error unless
-    ``overwrite=True`` (which deletes it first). ``on_shard_done(k)`` is called after shard ``k`` is committed.
+    ``shard_size``: pairs per plan shard, images per latents shard, captions per text shard. ``batch_size``: pairs
+    per encoder call (``2 * batch_size`` images per VAE call). ``cache_dtype``: dtype of the stored latents;
+    ``embed_dtype``: of the stored text embeddings.
+
+    Several processes: every rank calls this with its ``rank``, the ``world_size`` and a ``barrier`` (e.g.
+    ``torch.distributed.barrier``); shard ``k`` of each pass is done by rank ``k mod world_size``; rank 0 writes
+    the manifest. Resumable: shard files of a previous, interrupted build with the same signature and options are
+    kept; a complete matching cache returns at once. A folder holding a cache for *other* settings (or of the older
+    format) is an error unless ``overwrite=True`` (which deletes it first). ``on_shard_done(name)`` is called after
+    each shard file is committed.
 
     A random crop or flip is a per-epoch augmentation in the official codes; a cache would freeze one draw, so
     such a dataset is refused unless ``allow_frozen_augmentation=True`` (recorded in the manifest).
     """
     cache_dir = Path(cache_dir)
+    sync = barrier if barrier is not None else (lambda: None)
     if shard_size <= 0 or batch_size <= 0:
         raise ValueError(f"shard_size and batch_size must be positive, got {shard_size} and {batch_size}")
+    if world_size > 1 and barrier is None:
+        raise ValueError("a build on several processes needs a barrier (e.g. torch.distributed.barrier)")
     frozen = bool(dataset.random_augmentation)
     if frozen and not allow_frozen_augmentation:
         opts = dataset.preprocessing_options()
@@ -229,130 +400,149 @@ def build_cache(dataset, encoder, cache_dir: str | os.PathLike, *, shard_size: i
             "and no flip for caching (data.center_crop = true, data.random_flip = false), or pass "
             "--allow-frozen-augmentation (allow_frozen_augmentation=True) to accept the frozen draw."
         )
-    signature = expected_cache_signature(dataset, encoder, embed_dtype)
-    edtype = _DTYPES[signature["embed_dtype"]]
+    signature = expected_cache_signature(dataset, encoder, embed_dtype, cache_dtype)
+    edtype, ldtype = _DTYPES[signature["embed_dtype"]], _DTYPES[signature["latent_dtype"]]
     n_pairs = len(dataset)
-    n_shards = math.ceil(n_pairs / shard_size)
-    options = {"store_std": bool(store_std), "shard_size": int(shard_size), "frozen_augmentation": frozen}
+    n_plan = math.ceil(n_pairs / shard_size)
+    options = {"store_std": bool(store_std), "shard_size": int(shard_size), "batch_size": int(batch_size),
+               "frozen_augmentation": frozen}
 
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    for stale_tmp in cache_dir.glob(".*.tmp-*"):  # leftovers of a write killed half-way
-        stale_tmp.unlink()
+    # every rank reads the folder and reaches the same verdict (so a refusal stops them all, none waits)
+    manifest = _existing_manifest(cache_dir, signature, options, overwrite)
+    if manifest is not None and manifest.get("complete") and _complete_files_ok(cache_dir, manifest):
+        return manifest
+    sync()  # nobody may still be reading what rank 0 is about to replace
+    if rank == 0:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        for stale_tmp in [*cache_dir.glob(".*.tmp-*"), *cache_dir.glob(f"{PLAN_DIR}/.*.tmp-*")]:
+            stale_tmp.unlink()  # leftovers of writes killed half-way
+        if manifest is None:
+            _clear(cache_dir)  # only reached with overwrite=True or a folder holding no cache file
+            manifest = {"format": "fastinpo-cache", "format_version": CACHE_FORMAT_VERSION, "signature": signature,
+                        "build": options, "scaling_factor": float(encoder.scaling_factor),
+                        "num_pairs_in_dataset": n_pairs, "complete": False}
+            _write_manifest(cache_dir, manifest)
+    sync()
+    show = progress and rank == 0
+
+    def commit(name: str, tensors: dict, metadata: dict) -> None:
+        _atomic_save_tensors(cache_dir / name, tensors, metadata)
+        if on_shard_done is not None:
+            on_shard_done(name)
+
+    # pass 1: the plan (image bytes read and hashed, no model)
+    mine = [k for k in range(n_plan) if k % world_size == rank and not (cache_dir / plan_name(k)).is_file()]
+    with tqdm(total=sum(min(shard_size, n_pairs - k * shard_size) for k in mine), disable=not show, unit="pair",
+              desc="fastinpo cache: plan") as bar:
+        for k in mine:
+            tensors, meta = _plan_shard(dataset, k * shard_size, min((k + 1) * shard_size, n_pairs), frozen, bar)
+            commit(plan_name(k), tensors, meta)
+    sync()
+
+    # pass 2: distinct images and captions, in the order every rank derives from the plan
+    plan = _Plan(cache_dir, n_plan)
+    n_img, n_cap = math.ceil(plan.num_images / shard_size), math.ceil(plan.num_captions / shard_size)
+    todo_img = [j for j in range(n_img) if j % world_size == rank and not (cache_dir / latents_name(j)).is_file()]
+    todo_cap = [j for j in range(n_cap) if j % world_size == rank and not (cache_dir / text_name(j)).is_file()]
+    if rank == 0 and not (cache_dir / EMPTY_CAPTION).is_file():
+        commit(EMPTY_CAPTION, {k: v[0].to(edtype) for k, v in text_tensors(encoder, [""]).items()}, {})
+    with tqdm(total=sum(min(shard_size, plan.num_images - j * shard_size) for j in todo_img), disable=not show,
+              unit="image", desc="fastinpo cache: images") as bar:
+        for j in todo_img:
+            start, stop = j * shard_size, min((j + 1) * shard_size, plan.num_images)
+            tensors, meta = _encode_images(dataset, encoder, plan, start, stop, 2 * batch_size, store_std, ldtype,
+                                           str(encoder.arch), bar)
+            commit(latents_name(j), tensors, meta)
+    for j in tqdm(todo_cap, disable=not show, unit="shard", desc="fastinpo cache: captions"):
+        start, stop = j * shard_size, min((j + 1) * shard_size, plan.num_captions)
+        commit(text_name(j), _encode_captions(encoder, plan.captions(start, stop), 2 * batch_size, edtype), {})
+    sync()
+
+    # pass 3: the pairs table and the manifest (rank 0); the others wait for it and read it back
+    if rank == 0:
+        manifest = _finish(cache_dir, dataset, plan, manifest, n_plan, n_img, n_cap)
+    sync()
+    manifest = read_manifest(cache_dir)
+    if not manifest.get("complete"):
+        raise ValueError(f"no pair of {dataset.path} could be encoded (skipped: {manifest.get('skipped')})")
+    return manifest
+
+
+def _existing_manifest(cache_dir: Path, signature: dict, options: dict, overwrite: bool) -> dict | None:
+    """The manifest of a build to resume, or None for a fresh one; a folder holding anything else is refused
+    unless ``overwrite``."""
     try:
         manifest = read_manifest(cache_dir)
     except StaleCacheError:
         if not overwrite:
             raise
-        _clear(cache_dir)  # an unreadable manifest, replaced on request
-        manifest = None
-    if manifest is not None:
-        problems = _diff(manifest.get("signature", {}), signature) + _diff(manifest.get("build", {}), options)
-        if problems:
-            if not overwrite:
-                raise StaleCacheError(
-                    f"{cache_dir} already holds a cache built with other settings ("
-                    + "; ".join(problems) + "). Use another data.cache_dir, or pass --overwrite (`fastinpo cache "
-                    "CONFIG --overwrite`; overwrite=True in Python) to delete it and rebuild.")
-            _clear(cache_dir)
-            manifest = None
+        return None
     if manifest is None:
-        manifest = {
-            "format": "fastinpo-cache",
-            "format_version": CACHE_FORMAT_VERSION,
-            "signature": signature,
-            "build": options,
-            "scaling_factor": float(encoder.scaling_factor),
-            "num_pairs_in_dataset": n_pairs,
-            "num_shards": n_shards,
-            "dataset_skipped": dict(dataset.skipped),
-            "empty_caption": None,
-            "shards": [None] * n_shards,
-            "complete": False,
-        }
-    if manifest.get("complete") and all(_shard_ok(cache_dir, e) for e in manifest["shards"]) \
-            and (cache_dir / EMPTY_CAPTION).is_file():
-        return manifest
-    manifest["complete"] = False
+        leftovers = [p for p in _cache_files(cache_dir) if p.name != MANIFEST] if cache_dir.is_dir() else []
+        if leftovers and not overwrite:
+            raise StaleCacheError(f"{cache_dir} holds cache files ({leftovers[0].name}...) but no {MANIFEST}: it is "
+                                  "not a cache this build can resume. Use another data.cache_dir, or pass "
+                                  "--overwrite (overwrite=True in Python) to delete them and rebuild.")
+        return None
+    if manifest.get("format_version") != CACHE_FORMAT_VERSION:
+        if overwrite:
+            return None
+        raise StaleCacheError(f"{cache_dir} holds a cache the build cannot extend: "
+                              + OLD_FORMAT.format(found=manifest.get("format_version")) + ". " + REBUILD_HINT)
+    problems = _diff(manifest.get("signature", {}), signature) + _diff(manifest.get("build", {}), options)
+    if problems:
+        if overwrite:
+            return None
+        raise StaleCacheError(
+            f"{cache_dir} already holds a cache built with other settings (" + "; ".join(problems) + "). Use "
+            "another data.cache_dir, or pass --overwrite (`fastinpo cache CONFIG --overwrite`; overwrite=True in "
+            "Python) to delete it and rebuild.")
+    return manifest
 
-    if not (cache_dir / EMPTY_CAPTION).is_file() or not manifest.get("empty_caption"):
-        with torch.no_grad():
-            prompt, pooled = encoder.encode_text([""])
-        tensors = {"prompt_embeds": prompt[0].detach().cpu().to(edtype)}
-        if pooled is not None:
-            tensors["pooled_embeds"] = pooled[0].detach().cpu().to(edtype)
-        _atomic_save_tensors(cache_dir / EMPTY_CAPTION, tensors, {"format_version": str(CACHE_FORMAT_VERSION)})
-        manifest["empty_caption"] = {"file": EMPTY_CAPTION,
-                                     "shapes": {k: list(v.shape) for k, v in tensors.items()}}
-    _write_manifest(cache_dir, manifest)
 
-    done = sum(e["pairs"][1] - e["pairs"][0] for e in manifest["shards"] if _shard_ok(cache_dir, e))
-    bar = tqdm(total=n_pairs, initial=done, disable=not progress, unit="pair", desc="fastinpo cache")
-    try:
-        for k in range(n_shards):
-            if _shard_ok(cache_dir, manifest["shards"][k]):
-                continue
-            start, stop = k * shard_size, min((k + 1) * shard_size, n_pairs)
-            parts, rows, hashes, time_ids, skipped = _encode_range(dataset, encoder, start, stop, batch_size, bar)
-            tensors = _shard_tensors(parts, rows, hashes, time_ids, encoder.arch, store_std, edtype)
-            path = cache_dir / shard_name(k)
-            _atomic_save_tensors(path, tensors, {"format_version": str(CACHE_FORMAT_VERSION), "shard": str(k)})
-            manifest["shards"][k] = {
-                "file": path.name,
-                "bytes": path.stat().st_size,
-                "pairs": [start, stop],
-                "count": len(rows),
-                "source_rows": [rows[0], rows[-1]] if rows else None,
-                "skipped": skipped,
-                "hashes_digest": hashlib.sha256(b"".join(hashes)).hexdigest(),
-            }
-            _write_manifest(cache_dir, manifest)
-            if on_shard_done is not None:
-                on_shard_done(k)
-    finally:
-        bar.close()
+def _finish(cache_dir: Path, dataset, plan: _Plan, manifest: dict, n_plan: int, n_img: int, n_cap: int) -> dict:
+    ok = np.zeros(plan.num_images, dtype=bool)
+    undecodable: dict[int, str] = {}
+    for j in range(n_img):
+        with safe_open(str(cache_dir / latents_name(j)), framework="pt") as f:
+            ok[j * manifest["build"]["shard_size"]:][:len(f.get_tensor("ok"))] = f.get_tensor("ok").numpy() > 0
+            undecodable.update({int(k): v for k, v in _meta(f)["undecodable"].items()})
+    keep = ok[plan.image_index].all(1) if plan.num_pairs else np.zeros(0, bool)
+    skipped = Counter(dict(dataset.skipped))
+    skipped.update(plan.missing.values())
+    for p in np.nonzero(~keep)[0].tolist():  # a pair is skipped for the first of its images that failed
+        a, b = plan.image_index[p].tolist()
+        skipped[undecodable.get(a) or undecodable.get(b) or "undecodable_image"] += 1
+    tensors = {"caption_index": torch.from_numpy(plan.caption_index[keep].copy()),
+               "image_index": torch.from_numpy(plan.image_index[keep].copy()).reshape(-1, 2),
+               "rows": torch.from_numpy(plan.rows[keep].copy()),
+               "row_hash": torch.from_numpy(plan.row_hash[keep].copy()).reshape(-1, 32)}
+    _atomic_save_tensors(cache_dir / PAIRS, tensors, {})
 
-    late: dict[str, int] = {}
-    for e in manifest["shards"]:
-        for reason in e["skipped"].values():
-            late[reason] = late.get(reason, 0) + 1
-    total = dict(manifest["dataset_skipped"])
-    for reason, c in late.items():
-        total[reason] = total.get(reason, 0) + c
-    manifest["num_pairs"] = sum(e["count"] for e in manifest["shards"])
-    manifest["skipped"] = dict(sorted(total.items()))
-    if manifest["num_pairs"] == 0:
-        _write_manifest(cache_dir, manifest)
-        raise ValueError(f"no pair of {dataset.path} could be encoded (skipped: {manifest['skipped']})")
-    manifest["rows_digest"] = hashlib.sha256(
-        "".join(e["hashes_digest"] for e in manifest["shards"]).encode()).hexdigest()
-    manifest["complete"] = True
+    def entry(name):
+        return {"file": name, "bytes": (cache_dir / name).stat().st_size}
+
+    files = {"plan": [entry(plan_name(k)) for k in range(n_plan)], "latents": [entry(latents_name(j))
+                                                                              for j in range(n_img)],
+             "text": [entry(text_name(j)) for j in range(n_cap)], "pairs": [entry(PAIRS)],
+             "empty_caption": [entry(EMPTY_CAPTION)]}
+    n = int(keep.sum())
+    by_part = {k: sum(e["bytes"] for e in v) for k, v in files.items()}
+    manifest.update({
+        "num_pairs": n, "num_images": plan.num_images, "num_captions": plan.num_captions,
+        "shard_size": manifest["build"]["shard_size"], "files": files,
+        "skipped": dict(sorted(skipped.items())),
+        "rows_digest": hashlib.sha256(tensors["row_hash"].numpy().tobytes()).hexdigest(),
+        "bytes": by_part, "bytes_total": sum(by_part.values()),
+        "bytes_per_pair": round(sum(by_part.values()) / n, 1) if n else None,
+        "complete": n > 0,
+    })
     _write_manifest(cache_dir, manifest)
     return manifest
 
 
-def _shard_tensors(parts, rows, hashes, time_ids, arch, store_std, edtype) -> dict[str, torch.Tensor]:
-    if rows:
-        cat = {k: torch.cat(v) for k, v in parts.items()}
-    else:  # a shard whose rows were all undecodable: empty tensors (shapes unknown, nothing reads them)
-        cat = {"latent_mean": torch.zeros(0), "latent_std": torch.zeros(0), "prompt_embeds": torch.zeros(0)}
-        if arch == "sdxl":
-            cat["pooled_embeds"] = torch.zeros(0)
-    out = {"latent_mean": cat["latent_mean"], "prompt_embeds": cat["prompt_embeds"].to(edtype),
-           "rows": torch.tensor(rows, dtype=torch.int64),
-           "row_hash": torch.from_numpy(np.frombuffer(b"".join(hashes), dtype=np.uint8).copy()).reshape(-1, 32)}
-    if store_std:
-        out["latent_std"] = cat["latent_std"]
-    if "pooled_embeds" in cat:
-        out["pooled_embeds"] = cat["pooled_embeds"].to(edtype)
-    if arch == "sdxl":
-        out["time_ids"] = torch.stack(time_ids) if time_ids else torch.zeros(0, 2, 6)
-    return out
-
-
-def _clear(cache_dir: Path) -> None:
-    for p in [*cache_dir.glob("shard-*.safetensors"), cache_dir / EMPTY_CAPTION, cache_dir / MANIFEST]:
-        if p.exists():
-            p.unlink()
+def _complete_files_ok(cache_dir: Path, manifest: dict) -> bool:
+    return all(_file_ok(cache_dir, e) for group in manifest.get("files", {}).values() for e in group)
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -360,17 +550,15 @@ def _problems(cache_dir: Path, manifest: dict | None, expect: dict) -> list[str]
     if manifest is None:
         return [f"no cache at {cache_dir} ({MANIFEST} missing)"]
     if manifest.get("format_version") != CACHE_FORMAT_VERSION:
-        return [f"format_version: cached {manifest.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}"]
+        return [f"format_version: cached {manifest.get('format_version')!r}, expected {CACHE_FORMAT_VERSION}: "
+                + OLD_FORMAT.format(found=manifest.get("format_version"))]
     out = _diff(manifest.get("signature", {}), expect)
     if not manifest.get("complete"):
-        done = sum(1 for e in manifest.get("shards", []) if _shard_ok(cache_dir, e))
-        out.append(f"incomplete: {done} of {manifest.get('num_shards')} shards written (the build was interrupted)")
+        out.append("incomplete: the build was interrupted (or found no encodable pair)")
     else:
-        bad = [e["file"] for e in manifest["shards"] if not _shard_ok(cache_dir, e)]
+        bad = [e["file"] for group in manifest["files"].values() for e in group if not _file_ok(cache_dir, e)]
         if bad:
-            out.append(f"missing or truncated shard files: {bad[:5]}{'...' if len(bad) > 5 else ''}")
-        if not (cache_dir / EMPTY_CAPTION).is_file():
-            out.append(f"{EMPTY_CAPTION} missing")
+            out.append(f"missing or truncated files: {bad[:5]}{'...' if len(bad) > 5 else ''}")
     return out
 
 
@@ -400,10 +588,11 @@ def cache_matches(cache_dir: str | os.PathLike, expect: dict) -> tuple[bool, lis
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
-    """The pairs of a complete cache as :class:`fastinpo.data.batch.EncodedPair` (embeddings back in float32).
+    """The pairs of a complete cache as :class:`fastinpo.data.batch.EncodedPair` (latents and embeddings back in
+    float32).
 
     ``expect`` is what the training config implies (:func:`expected_cache_signature`, or a subset of its keys);
-    any mismatch or an incomplete cache raises :class:`StaleCacheError` naming each key.
+    any mismatch, an incomplete cache or one of an older format raises :class:`StaleCacheError` naming each key.
     """
 
     def __init__(self, cache_dir: str | os.PathLike, *, expect: dict):
@@ -420,10 +609,12 @@ class CachedPairDataset(torch.utils.data.Dataset):
         self.has_std = bool(manifest["build"]["store_std"])
         self.frozen_augmentation = bool(manifest["build"]["frozen_augmentation"])
         self.skipped: dict[str, int] = dict(manifest.get("skipped", {}))
-        self._files = [e["file"] for e in manifest["shards"] if e["count"] > 0]
-        counts = [e["count"] for e in manifest["shards"] if e["count"] > 0]
-        self._offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        self._handles: dict[int, Any] = {}
+        self._shard = int(manifest["shard_size"])
+        with safe_open(str(self.cache_dir / PAIRS), framework="pt") as f:  # N × 64 bytes: kept in memory
+            self._caption_index = f.get_tensor("caption_index")
+            self._image_index = f.get_tensor("image_index")
+            self._rows = f.get_tensor("rows")
+        self._handles: dict[str, Any] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -431,13 +622,24 @@ class CachedPairDataset(torch.utils.data.Dataset):
         return state
 
     def __len__(self) -> int:
-        return int(self._offsets[-1])
+        return len(self._rows)
 
-    def _handle(self, k: int):
-        h = self._handles.get(k)
+    def _handle(self, name: str):
+        h = self._handles.get(name)
         if h is None:
-            h = self._handles[k] = safe_open(str(self.cache_dir / self._files[k]), framework="pt")
+            h = self._handles[name] = safe_open(str(self.cache_dir / name), framework="pt")
         return h
+
+    def _latents(self, image: int) -> dict[str, torch.Tensor]:
+        h = self._handle(latents_name(image // self._shard))
+        j = image % self._shard
+        return {k: h.get_slice(k)[j:j + 1][0] for k in h.keys() if k != "ok"}
+
+    def text(self, caption: int) -> dict[str, torch.Tensor]:
+        """Every named tensor stored for distinct caption ``caption`` (float32)."""
+        h = self._handle(text_name(caption // self._shard))
+        j = caption % self._shard
+        return {k: h.get_slice(k)[j:j + 1][0].float() for k in h.keys()}
 
     def __getitem__(self, i: int) -> EncodedPair:
         n = len(self)
@@ -445,22 +647,15 @@ class CachedPairDataset(torch.utils.data.Dataset):
             i += n
         if not 0 <= i < n:
             raise IndexError(f"pair index {i} out of range for {n} cached pairs")
-        k = int(np.searchsorted(self._offsets, i, side="right")) - 1
-        j = i - int(self._offsets[k])
-        h = self._handle(k)
-        keys = set(h.keys())
-
-        def get(name):
-            return h.get_slice(name)[j:j + 1][0] if name in keys else None
-
-        pooled = get("pooled_embeds")
+        a, b = (self._latents(int(x)) for x in self._image_index[i])
+        text = self.text(int(self._caption_index[i]))
         return EncodedPair(
-            latent_mean=get("latent_mean"),
-            latent_std=get("latent_std"),
-            prompt_embeds=get("prompt_embeds").float(),
-            pooled_embeds=None if pooled is None else pooled.float(),
-            time_ids=get("time_ids") if self.arch == "sdxl" else None,
-            row=int(get("rows")),
+            latent_mean=torch.stack([a["latent_mean"], b["latent_mean"]]).float(),
+            latent_std=torch.stack([a["latent_std"], b["latent_std"]]).float() if self.has_std else None,
+            prompt_embeds=text["prompt_embeds"],
+            pooled_embeds=text.get("pooled_embeds"),
+            time_ids=torch.stack([a["time_ids"], b["time_ids"]]) if self.arch == "sdxl" else None,
+            row=int(self._rows[i]),
         )
 
     def empty_caption(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -472,15 +667,13 @@ class CachedPairDataset(torch.utils.data.Dataset):
 
     def rows(self) -> torch.Tensor:
         """Source row index of every cached pair, in order (int64)."""
-        return torch.cat([self._handle(k).get_tensor("rows") for k in range(len(self._files))])
+        return self._rows.clone()
 
     def row_hashes(self) -> list[str]:
         """sha256 (hex) of every cached pair's source row, in order (see :func:`fastinpo.data.pickapic.row_hash`)."""
-        out = []
-        for k in range(len(self._files)):
-            out += [bytes(r.tolist()).hex() for r in self._handle(k).get_tensor("row_hash")]
-        return out
+        with safe_open(str(self.cache_dir / PAIRS), framework="pt") as f:
+            return [bytes(r.tolist()).hex() for r in f.get_tensor("row_hash")]
 
 
 __all__ = ["build_cache", "CachedPairDataset", "StaleCacheError", "cache_matches", "expected_cache_signature",
-           "read_manifest", "CACHE_FORMAT_VERSION"]
+           "read_manifest", "text_tensors", "CACHE_FORMAT_VERSION"]

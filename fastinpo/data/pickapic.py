@@ -1,9 +1,11 @@
-"""Pick-a-Pic-format preference data (SPEC §1): reading, filtering, preprocessing.
+"""Preference pairs (SPEC §1): reading, filtering, preprocessing — one dataset for every source kind.
 
 :class:`PickAPicDataset` reads a local directory of parquet files (the format Pick-a-Pic v2 is published in) or a
 ``datasets`` ``save_to_disk`` folder, with the columns ``caption`` (str), ``jpg_0``/``jpg_1`` (encoded image
 bytes) and ``label_0``/``label_1`` (float, 1 = preferred), and yields :class:`fastinpo.data.batch.RawPair` records
-(winner first).
+(winner first). Pair manifests (JSONL, CSV, parquet of image paths) and ``w/``/``l/`` folders are read by
+:mod:`fastinpo.data.sources`, which presents their rows in this same shape, so every rule below holds for every
+kind (docs/DATA.md).
 
 Row semantics (SPEC §1):
 
@@ -55,6 +57,7 @@ import torch
 from PIL import Image
 
 from fastinpo.data.batch import RawPair
+from fastinpo.data.sources import FolderSource, ManifestSource, is_pair_folder, is_pair_manifest
 
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 # label_1 is read when present (Pick-a-Pic has it) to catch rows whose two labels contradict each other.
@@ -206,15 +209,23 @@ class _DiskSource(_Source):
                 if c in (*META_COLUMNS, *IMAGE_COLUMNS)}
 
 
+DATA_KINDS = ("a directory of Pick-a-Pic parquet files, one .parquet file, a datasets save_to_disk folder, a pair "
+              "manifest (.jsonl, .csv or .parquet with caption + image_0/image_1/label_0 or chosen/rejected), or a "
+              "folder of w/ and l/ images")
+
+
 def _open_source(path: Path) -> _Source:
     if not path.exists():
-        raise FileNotFoundError(f"data path {path} does not exist (expected a directory of Pick-a-Pic parquet files "
-                                f"or a datasets save_to_disk folder)")
+        raise FileNotFoundError(f"data path {path} does not exist (expected {DATA_KINDS})")
     if path.is_file():
+        if is_pair_manifest(path):
+            return ManifestSource(path)
         if path.suffix == ".parquet":
             return _ParquetSource(path.parent, [path])
-        raise ValueError(f"data path {path} is a file but not a .parquet file; expected a directory of Pick-a-Pic "
-                         f"parquet files, one .parquet file, or a datasets save_to_disk folder")
+        raise ValueError(f"data path {path} is a file but neither a .parquet file nor a pair manifest (.jsonl, .csv); "
+                         f"expected {DATA_KINDS}")
+    if is_pair_folder(path):
+        return FolderSource(path)
     entries = sorted(os.listdir(path))
     if "dataset_dict.json" in entries or ("state.json" in entries and "dataset_info.json" in entries):
         return _DiskSource(path)
@@ -225,8 +236,9 @@ def _open_source(path: Path) -> _Source:
     hint = f"; parquet files in subfolders (point the path at one of them, e.g. one split): {nested}" if nested else ""
     shown = entries[:20] + (["..."] if len(entries) > 20 else [])
     raise ValueError(
-        f"data path {path} is neither a directory of .parquet files (Pick-a-Pic format) nor a datasets save_to_disk "
-        f"folder (state.json + dataset_info.json + *.arrow); found {shown or 'an empty directory'}{hint}"
+        f"data path {path} is neither a directory of .parquet files (Pick-a-Pic format), a datasets save_to_disk "
+        f"folder (state.json + dataset_info.json + *.arrow) nor a pair folder (w/ and l/); found "
+        f"{shown or 'an empty directory'}{hint}"
     )
 
 
@@ -306,8 +318,9 @@ class PickAPicDataset(torch.utils.data.Dataset):
     """Usable preference pairs of a Pick-a-Pic-format dataset (see the module docstring for the rules).
 
     Args:
-        path: directory of ``*.parquet`` files (top level, sorted by name), one ``.parquet`` file, or a
-            ``datasets`` ``save_to_disk`` folder of one split.
+        path: directory of ``*.parquet`` files (top level, sorted by name), one ``.parquet`` file, a
+            ``datasets`` ``save_to_disk`` folder of one split, a pair manifest (``.jsonl``, ``.csv``, or a
+            ``.parquet`` of image paths) or a folder of ``w/`` and ``l/`` images (:mod:`fastinpo.data.sources`).
         resolution: training resolution R (square crops).
         center_crop: center crop (default) or, when False, a random crop drawn per (seed, epoch, row).
         random_flip: flip both images of a pair horizontally together with probability 0.5.
@@ -436,6 +449,11 @@ class PickAPicDataset(torch.utils.data.Dataset):
         """Random crop/flip are drawn from (seed, epoch, row): call once per epoch for fresh augmentations."""
         self.epoch = int(epoch)
 
+    @property
+    def num_source_rows(self) -> int:
+        """Rows in the source data (usable or not)."""
+        return int(self._source.num_rows)
+
     def source_row(self, i: int) -> int:
         """Row index in the source data of usable pair ``i``."""
         return int(self._rows[i])
@@ -504,39 +522,68 @@ class PickAPicDataset(torch.utils.data.Dataset):
                 f"skipped={self.skipped})")
 
     # ------------------------------------------------------------------ preprocessing
-    def _preprocess(self, win: Image.Image, lose: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor]:
-        R = self.resolution
+    def _draws(self, row: int) -> tuple[list[float], bool]:
+        """The pair's random draws: one per pair, shared by both images (same relative crop position, identical
+        crop when the two images have the same size, as Pick-a-Pic's do, and the same flip decision)."""
         gen = None
         if self.random_augmentation:
             gen = torch.Generator().manual_seed(_row_seed(self.seed, self.epoch, row))
-        # One draw per pair, shared by both images: same relative crop position (identical crop when the two
-        # images have the same size, as Pick-a-Pic's do) and the same flip decision.
         u = torch.rand(3, generator=gen).tolist() if gen is not None else [0.0, 0.0, 1.0]
-        flip = self.random_flip and u[2] < 0.5
-        pix, tids = [], []
-        for img in (win, lose):
-            w, h = img.size
-            scale = R / min(w, h)
-            nw, nh = max(R, round(w * scale)), max(R, round(h * scale))
-            if (nw, nh) != (w, h):
-                img = img.resize((nw, nh), Image.BILINEAR)
-            if self.center_crop:
-                # Same rounding as torchvision's CenterCrop (the official codes' transform).
-                top, left = int(round((nh - R) / 2.0)), int(round((nw - R) / 2.0))
-            else:
-                top, left = min(int(u[0] * (nh - R + 1)), nh - R), min(int(u[1] * (nw - R + 1)), nw - R)
-            img = img.crop((left, top, left + R, top + R))
-            if flip:
-                img = img.transpose(Image.FLIP_LEFT_RIGHT)
-                # crop_left in the flipped image's coordinates (the mirrored crop window).
-                left = nw - left - R
-            arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (R, R, 3)
-            pix.append(arr.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0)
-            if self.per_sample_time_ids:
-                tids.append([h, w, top, left, R, R])
-            else:
-                tids.append([R, R, 0, 0, R, R])
-        return torch.stack(pix), torch.tensor(tids, dtype=torch.float32)
+        return u, self.random_flip and u[2] < 0.5
+
+    def _preprocess(self, win: Image.Image, lose: Image.Image, row: int) -> tuple[torch.Tensor, torch.Tensor]:
+        u, flip = self._draws(row)
+        pix, tids = zip(*(self._preprocess_one(img, u, flip) for img in (win, lose)), strict=True)
+        return torch.stack(pix), torch.stack(tids)
+
+    def _preprocess_one(self, img: Image.Image, u: list[float], flip: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        R = self.resolution
+        w, h = img.size
+        scale = R / min(w, h)
+        nw, nh = max(R, round(w * scale)), max(R, round(h * scale))
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BILINEAR)
+        if self.center_crop:
+            # Same rounding as torchvision's CenterCrop (the official codes' transform).
+            top, left = int(round((nh - R) / 2.0)), int(round((nw - R) / 2.0))
+        else:
+            top, left = min(int(u[0] * (nh - R + 1)), nh - R), min(int(u[1] * (nw - R + 1)), nw - R)
+        img = img.crop((left, top, left + R, top + R))
+        if flip:
+            img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            # crop_left in the flipped image's coordinates (the mirrored crop window).
+            left = nw - left - R
+        arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (R, R, 3)
+        pixels = arr.permute(2, 0, 1).to(torch.float32) / 127.5 - 1.0
+        tids = [h, w, top, left, R, R] if self.per_sample_time_ids else [R, R, 0, 0, R, R]
+        return pixels, torch.tensor(tids, dtype=torch.float32)
+
+    # ------------------------------------------------------------------ cache builder access
+    def read_pair_bytes(self, i: int) -> tuple[int, str, bytes | None, bytes | None, str]:
+        """``(row, caption, winner bytes, loser bytes, row hash)`` of usable pair ``i`` without decoding anything
+        (an image that is absent comes back as ``None``)."""
+        row = int(self._rows[i])
+        raw = self._source.read(row)
+        b0, b1 = _image_bytes(raw.get("jpg_0")), _image_bytes(raw.get("jpg_1"))
+        h = row_hash(raw.get("caption"), b0, b1, raw.get("label_0"), raw.get("label_1"))
+        if self._swap[i]:
+            b0, b1 = b1, b0
+        return row, raw.get("caption") or "", b0, b1, h
+
+    def read_image(self, i: int, side: int) -> tuple[torch.Tensor, torch.Tensor] | str:
+        """One image of usable pair ``i`` (``side`` 0: the winner, 1: the loser) preprocessed exactly as
+        :meth:`read_pair` does it: ``(pixels (3, R, R), time_ids (6,))``, or the skip reason."""
+        row = int(self._rows[i])
+        raw = self._source.read(row)
+        key = "jpg_1" if (side == 0) == bool(self._swap[i]) else "jpg_0"
+        data = _image_bytes(raw.get(key))
+        if data is None:
+            return SKIP_MISSING_IMAGE
+        img = _decode(data)
+        if img is None:
+            return SKIP_UNDECODABLE
+        u, flip = self._draws(row)
+        return self._preprocess_one(img, u, flip)
 
 
 def _as_float(col: pa.ChunkedArray, name: str, path: Path) -> np.ndarray:

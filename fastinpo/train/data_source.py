@@ -104,7 +104,8 @@ class PairStream:
         if d.cache_dir:
             if raw is None:
                 raise ValueError("data.path is required with data.cache_dir: the cache is checked against the data")
-            expect = expected_cache_signature(raw, encoder_signature(model_folder), d.cache_embed_dtype)
+            expect = expected_cache_signature(raw, encoder_signature(model_folder), d.cache_embed_dtype,
+                                              d.cache_dtype)
             ok, reasons = cache_matches(d.cache_dir, expect)
             if not ok:
                 raise StaleCacheError(f"the cache in {d.cache_dir} does not match this config:\n  "
