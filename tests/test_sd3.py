@@ -244,7 +244,8 @@ def test_flow_training_from_a_cache(sd3_pipeline, pickapic_dir, tmp_path):
     assert manifest["signature"]["arch"] == "sd3"
     from safetensors import safe_open
 
-    with safe_open(str(cache / manifest["shards"][0]["file"]), framework="pt") as f:
+    # cache format 2: text embeddings once per distinct caption, in their own shards
+    with safe_open(str(cache / manifest["files"]["text"][0]["file"]), framework="pt") as f:
         keys = set(f.keys())
         assert f.get_slice("prompt_embeds").get_shape()[1:] == [333, 64]
         assert f.get_slice("pooled_embeds").get_shape()[1:] == [64]
