@@ -271,3 +271,17 @@ def test_sd35_medium_config_counts_without_allocating():
     assert t.config.joint_attention_dim == 4096 and t.config.pooled_projection_dim == 2048
     with pytest.raises(ValueError, match="meta"):
         full_size.make_full_sd3_pipeline("/nonexistent/x", device="meta")
+
+
+@pytest.mark.parametrize("method", ["sft", "diffusion-dpo", "inpo"])
+def test_flow_methods_validate_on_held_out_pairs(method, sd3_pipeline, pickapic_dir, tmp_path):
+    """Preference validation (issue 21) on a flow model: the metrics are finite, implicit accuracy is a fraction,
+    and an untrained policy (step 0 of a LoRA run = the reference) would have a zero gap; after training it moved."""
+    out = tmp_path / method
+    train(_config(sd3_pipeline, pickapic_dir, out, method, "train.max_steps=2", "train.validate_every=1",
+                  "data.validation_fraction=0.3", "lora.rank=4"))
+    rows = [r for r in _metrics(out) if "val_loss" in r]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert math.isfinite(r["val_loss"]) and 0.0 <= r["val_implicit_acc"] <= 1.0 and r["val_pairs"] > 0
+        assert math.isfinite(r["val_model_ref_gap"]) and r["val_model_ref_gap"] > 0.0

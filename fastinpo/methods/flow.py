@@ -90,7 +90,7 @@ class FlowDPO(FlowMethod):
         with torch.no_grad():
             ref_pred = models.reference(x, timestep, inputs.cond)
         out = diffusion_dpo_loss(model_pred, ref_pred, target, self.config.beta, backend=self.config.loss_backend)
-        return MethodOutput(out.loss, dpo_metrics(out))
+        return MethodOutput(out.loss, dpo_metrics(out), dpo=out)
 
 
 class FlowInPO(FlowMethod):
@@ -121,7 +121,7 @@ class FlowInPO(FlowMethod):
                                  backend=self.config.loss_backend)
         metrics = dpo_metrics(out)
         metrics["inversion_steps"] = inv.num_steps.float().mean()
-        return MethodOutput(out.loss, metrics)
+        return MethodOutput(out.loss, metrics, dpo=out)
 
 
 FLOW_METHODS: dict[str, type[FlowMethod]] = {m.name: m for m in (FlowSFT, FlowDPO, FlowInPO)}

@@ -14,6 +14,7 @@ exactly.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import time
@@ -301,7 +302,9 @@ def _loop(config: Config, out_dir: Path, engine: Engine, run: dict) -> dict:
     start_step, last_step, pairs_per_step = run["start_step"], run["last_step"], run["pairs_per_step"]
     log = MetricsLog(out_dir, start_step, is_main=engine.is_main, reduce=engine.reduce_metrics)
     grids = ValidationGrids(config, out_dir, device)
-    validator = PreferenceValidator(config, stream, method, run["schedule"], device, make_step_inputs,
+    # validation builds its inputs exactly as training does, for the run's model family
+    validator = PreferenceValidator(config, stream, method, run["schedule"], device,
+                                    functools.partial(make_step_inputs, family=run["family"]),
                                     engine.reduce_metrics, engine.begin_micro_batch, run["state"]["validation"])
     batches = stream.batches(start_step * config.train.grad_accum)
     counter = StepCounter(run["state"], start_step, last_step, device)
