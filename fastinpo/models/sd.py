@@ -177,12 +177,10 @@ def load_components(folder: str | Path, *, load_unet: bool = True, load_vae: boo
     return PipelineComponents(arch, folder, unet, vae, encoders, tokenizers, scheduler_config)
 
 
-def model_identity(folder: str | Path) -> str:
-    """A string naming a pipeline's VAE and text encoders (what a latent / embedding cache depends on): the
-    folder's name plus a hash of those parts' configs and weight file sizes."""
-    folder = Path(folder)
+def hash_parts(folder: Path, parts: tuple[str, ...]):
+    """A sha256 over the given subfolders' file names, sizes, and config/vocabulary contents (a model identity)."""
     h = hashlib.sha256()
-    for part in ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+    for part in parts:
         d = folder / part
         if not d.is_dir():
             continue
@@ -190,6 +188,14 @@ def model_identity(folder: str | Path) -> str:
             h.update(f"{part}/{f.name}:{f.stat().st_size}".encode())
             if f.suffix in (".json", ".txt"):
                 h.update(f.read_bytes())
+    return h
+
+
+def model_identity(folder: str | Path) -> str:
+    """A string naming a pipeline's VAE and text encoders (what a latent / embedding cache depends on): the
+    folder's name plus a hash of those parts' configs and weight file sizes."""
+    folder = Path(folder)
+    h = hash_parts(folder, ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
     return f"{folder.name}@{h.hexdigest()[:16]}"
 
 

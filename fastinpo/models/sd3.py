@@ -10,7 +10,6 @@ The transformer's conditioning is ``{"encoder_hidden_states": (n, 77 + L_T5, D_j
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,7 +17,7 @@ from typing import Any
 
 import torch
 
-from fastinpo.models.sd import PipelineComponents, check_weight_files, write_clip_tokenizer
+from fastinpo.models.sd import PipelineComponents, check_weight_files, hash_parts, write_clip_tokenizer
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -86,16 +85,8 @@ def load_components(folder: str | Path, *, load_unet: bool = True, load_vae: boo
 def model_identity(folder: str | Path) -> str:
     """The folder's name and a hash of its VAE and text parts' configs and weight sizes (what a cache depends on)."""
     folder = Path(folder)
-    h = hashlib.sha256()
-    for part in ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
-                 "tokenizer_3"):
-        d = folder / part
-        if not d.is_dir():
-            continue
-        for f in sorted(d.iterdir()):
-            h.update(f"{part}/{f.name}:{f.stat().st_size}".encode())
-            if f.suffix in (".json", ".txt"):
-                h.update(f.read_bytes())
+    h = hash_parts(folder, ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2",
+                            "tokenizer_3"))
     # the T5-less prompt embeddings' width is the transformer's joint_attention_dim
     cfg = folder / "transformer" / "config.json"
     if cfg.is_file():
