@@ -202,13 +202,18 @@ def model_identity(folder: str | Path) -> str:
 def encoder_signature(folder: str | Path) -> Any:
     """What a cache depends on of the model (``identity``, ``arch``, ``scaling_factor``), read from the folder
     without loading any weights — so a run that trains from a cache never loads the VAE or text encoders."""
+    folder = Path(folder)
+    return signature_from_folder(folder, model_identity(folder), detect_arch(folder), default_scaling=0.18215)
+
+
+def signature_from_folder(folder: Path, identity: str, arch: str, *, default_scaling: float) -> Any:
+    """A cache signature (``identity``, ``arch``, the VAE's ``scaling_factor`` or the family's default)."""
     from types import SimpleNamespace
 
-    folder = Path(folder)
     vae_config = folder / "vae" / "config.json"
     vae_cfg = json.loads(vae_config.read_text()) if vae_config.is_file() else {}
-    return SimpleNamespace(identity=model_identity(folder), arch=detect_arch(folder),
-                           scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)))
+    return SimpleNamespace(identity=identity, arch=arch,
+                           scaling_factor=float(vae_cfg.get("scaling_factor", default_scaling)))
 
 
 class Encoder:

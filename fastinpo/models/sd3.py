@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import torch
 
-from fastinpo.models.sd import PipelineComponents, check_weight_files, hash_parts, write_clip_tokenizer
+from fastinpo.models.sd import (
+    PipelineComponents,
+    check_weight_files,
+    hash_parts,
+    signature_from_folder,
+    write_clip_tokenizer,
+)
 
 PARTS = ("transformer", "vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2", "scheduler")
 T5_PARTS = ("text_encoder_3", "tokenizer_3")
@@ -97,10 +102,7 @@ def model_identity(folder: str | Path) -> str:
 def encoder_signature(folder: str | Path) -> Any:
     """``identity``, ``arch`` and ``scaling_factor`` read from the folder without loading weights."""
     folder = Path(folder)
-    vae_config = folder / "vae" / "config.json"
-    vae_cfg = json.loads(vae_config.read_text()) if vae_config.is_file() else {}
-    return SimpleNamespace(identity=model_identity(folder), arch=detect_sd3(folder),
-                           scaling_factor=float(vae_cfg.get("scaling_factor", 1.5305)))
+    return signature_from_folder(folder, model_identity(folder), detect_sd3(folder), default_scaling=1.5305)
 
 
 class SD3Encoder:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from fastinpo.ops import checks, dispatch, reference
-from fastinpo.ops.inversion import select_cond, slice_cond
+from fastinpo.ops.inversion import _call_model, select_cond, slice_cond
 from fastinpo.ops.schedule import _load_config
 
 Model = Callable[[torch.Tensor, torch.Tensor, Any], torch.Tensor]
@@ -396,12 +396,7 @@ def _call_velocity_model(model: Model, x: torch.Tensor, timestep: float, cond: A
                          out_dtype) -> torch.Tensor:
     """One model call at one timestep ``σ * T`` for every sample (a float32 ``(n,)`` tensor), output read as
     ``out_dtype``."""
-    t = torch.full((x.shape[0],), timestep, dtype=torch.float32, device=x.device)
-    v = model(x if model_dtype is None else x.to(model_dtype), t, cond)
-    if not isinstance(v, torch.Tensor) or v.shape != x.shape:
-        got = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-        raise ValueError(f"the model must return a velocity shaped like its input {tuple(x.shape)}, got {got}")
-    return v.to(out_dtype)
+    return _call_model(model, x, timestep, cond, model_dtype, out_dtype, t_dtype=torch.float32, output="a velocity")
 
 
 def flow_inpo_invert(

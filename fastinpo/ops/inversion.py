@@ -136,18 +136,19 @@ def zero_uncond(cond: Any, keep: Sequence[str] = ("time_ids",)) -> Any:
     raise TypeError(f"cond must be a tensor, dict, list, tuple or None, got {type(cond).__name__}")
 
 
-def _call_model(model: Model, x: torch.Tensor, level: int | torch.Tensor, cond: Any, model_dtype,
-                out_dtype) -> torch.Tensor:
-    """One model call; ``level`` is one timestep for every sample or an ``(n,)`` int64 tensor of per-sample ones."""
+def _call_model(model: Model, x: torch.Tensor, level: int | float | torch.Tensor, cond: Any, model_dtype,
+                out_dtype, *, t_dtype: torch.dtype = torch.int64, output: str = "eps") -> torch.Tensor:
+    """One model call; ``level`` is one timestep for every sample or an ``(n,)`` tensor of per-sample ones, passed
+    as ``t_dtype`` (int64 DDIM levels; float32 ``σ·T`` for flow models, whose output is a velocity)."""
     if isinstance(level, torch.Tensor):
-        t = level.to(device=x.device, dtype=torch.int64)
+        t = level.to(device=x.device, dtype=t_dtype)
     else:
-        t = torch.full((x.shape[0],), level, dtype=torch.int64, device=x.device)
-    eps = model(x if model_dtype is None else x.to(model_dtype), t, cond)
-    if not isinstance(eps, torch.Tensor) or eps.shape != x.shape:
-        got = tuple(eps.shape) if isinstance(eps, torch.Tensor) else type(eps).__name__
-        raise ValueError(f"the model must return eps shaped like its input {tuple(x.shape)}, got {got}")
-    return eps.to(out_dtype)
+        t = torch.full((x.shape[0],), level, dtype=t_dtype, device=x.device)
+    pred = model(x if model_dtype is None else x.to(model_dtype), t, cond)
+    if not isinstance(pred, torch.Tensor) or pred.shape != x.shape:
+        got = tuple(pred.shape) if isinstance(pred, torch.Tensor) else type(pred).__name__
+        raise ValueError(f"the model must return {output} shaped like its input {tuple(x.shape)}, got {got}")
+    return pred.to(out_dtype)
 
 
 def guided_eps(
