@@ -91,6 +91,16 @@ def _check_lora_fits(unet, lora_file: Path, model_folder: Path) -> None:
                          "architecture (SD1.5 and SDXL LoRAs are not interchangeable)")
 
 
+
+def _lora_file(lora) -> Path:
+    """The LoRA weights file of fastinpo's ``export/lora/`` folder, or the ``.safetensors`` file itself."""
+    lora = Path(lora)
+    lora_file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
+    if not lora_file.is_file():
+        raise FileNotFoundError(f"LoRA {lora}: expected a folder with pytorch_lora_weights.safetensors "
+                                "(fastinpo's export/lora/) or the .safetensors file itself")
+    return lora_file
+
 def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Path | None = None,
                    scheduler: str = "ddim", dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     """A stock ``StableDiffusionPipeline`` / ``StableDiffusionXLPipeline`` from a local diffusers folder.
@@ -130,11 +140,7 @@ def build_pipeline(model_folder: str | Path, *, unet: Any = None, lora: str | Pa
     if sched_cls is not None:
         pipe.scheduler = sched_cls.from_config(pipe.scheduler.config)
     if lora is not None:
-        lora = Path(lora)
-        lora_file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
-        if not lora_file.is_file():
-            raise FileNotFoundError(f"LoRA {lora}: expected a folder with pytorch_lora_weights.safetensors "
-                                    "(fastinpo's export/lora/) or the .safetensors file itself")
+        lora_file = _lora_file(lora)
         _check_lora_fits(pipe.unet, lora_file, folder)
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     # device only: the parts already came in ``dtype`` from from_pretrained, which keeps the modules diffusers
@@ -172,11 +178,7 @@ def _build_sd3_pipeline(folder: Path, *, transformer: Any, lora, scheduler: str,
         kwargs["transformer"] = transformer
     pipe = StableDiffusion3Pipeline.from_pretrained(folder, torch_dtype=dtype, **kwargs)
     if lora is not None:
-        lora = Path(lora)
-        lora_file = lora if lora.is_file() else lora / "pytorch_lora_weights.safetensors"
-        if not lora_file.is_file():
-            raise FileNotFoundError(f"LoRA {lora}: expected a folder with pytorch_lora_weights.safetensors "
-                                    "(fastinpo's export/lora/) or the .safetensors file itself")
+        lora_file = _lora_file(lora)
         pipe.load_lora_weights(str(lora_file.parent), weight_name=lora_file.name)
     pipe = pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
