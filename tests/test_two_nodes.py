@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -79,9 +80,17 @@ def _wait(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
     try:
         return [p.wait(timeout=max(1.0, deadline - time.monotonic())) for p in procs]
     finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, 9)
+        # an overrun: torchrun ends its workers on SIGTERM (they run in sessions of their own, out of reach of a
+        # kill of torchrun's group); SIGKILL for whatever is left of the group after that. Workers inside a
+        # namespace are also ended by pid when the namespace is deleted.
+        running = [p for p in procs if p.poll() is None]
+        for p in running:
+            os.killpg(p.pid, signal.SIGTERM)
+        for p in running:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
                 p.wait()
 
 
