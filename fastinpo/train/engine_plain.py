@@ -9,6 +9,7 @@ optimizer without device-side skipping reads the flag on the host), the LR sched
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,12 @@ class PlainEngine(Engine):
     backend = "none"
 
     def __init__(self, config: Config):
+        world = int(os.environ.get("WORLD_SIZE", "1") or "1")
+        if world > 1:
+            # each process would train alone, all of them into the same train.output_dir
+            raise ValueError(f"a launcher started {world} processes (WORLD_SIZE={world}) but distributed.backend = "
+                             "'none' trains in one process: set distributed.backend = 'deepspeed' (e.g. --set "
+                             "distributed.backend=deepspeed), or start one process without a launcher")
         super().__init__(config)
         self.device = pick_device(config.train.device)
 

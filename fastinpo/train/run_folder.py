@@ -25,6 +25,9 @@ RESUMABLE_KEYS = frozenset({
     "train.max_steps", "train.log_every", "train.checkpoint_every", "train.keep_last", "train.sample_every",
     "train.sample_prompts", "train.max_nan_steps", "train.progress", "train.output_dir", "data.num_workers",
     "train.validate_every", "train.early_stopping_patience",
+    # where and how long the ranks talk, not what they train: the fix for a wrong interface or a slow file system,
+    # and what another cluster needs when a run moves there
+    "distributed.socket_ifname", "distributed.timeout_s",
 })
 
 #: what marks a folder as holding a run
