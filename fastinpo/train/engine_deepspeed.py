@@ -42,6 +42,8 @@ import copy
 import json
 import os
 import shutil
+import sys
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -111,12 +113,40 @@ def init_distributed(config: Config) -> DistEnv:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
+        backend = "nccl" if use_cuda else "gloo"
+        # torch's process group first, under a watchdog: when every node reached the store but gloo's connections
+        # cannot complete (loopback), the waiting node's own timeouts add up to ~5 x timeout_s (measured 15, 50,
+        # 100 s for 3, 10, 20 s); the watchdog ends it at 1 x plus a grace. DeepSpeed's own start-up (which may
+        # build its CPU communication op, minutes the first time) comes after, outside the bound.
+        watchdog = threading.Timer(dist.timeout_s + STARTUP_GRACE_S, _startup_expired, args=(dist.timeout_s,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
-            deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
-                                       timeout=timedelta(seconds=dist.timeout_s))
+            torch.distributed.init_process_group(backend, timeout=timedelta(seconds=dist.timeout_s))
         except Exception as err:  # noqa: BLE001 - re-raised with what a cluster user needs to know
             raise RuntimeError(startup_failure_message(err, dist.timeout_s)) from err
+        finally:
+            watchdog.cancel()
+    # wraps the group started above (or the launcher's) in DeepSpeed's communication layer
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+                               timeout=timedelta(seconds=dist.timeout_s))
     return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
+
+
+#: seconds the start-up watchdog adds to distributed.timeout_s, so that torch's own timeout error (which names the
+#: store or peer it waited on) comes first whenever torch raises one
+STARTUP_GRACE_S = 5.0
+
+
+def _startup_expired(timeout_s: float) -> None:
+    """The start-up watchdog's end: the main thread is blocked inside the process group's C++ start-up and cannot
+    be interrupted, so say why on stderr and end the process (nothing is written before this point: nothing is
+    lost); the launcher then stops the other local ranks."""
+    err = TimeoutError(f"the process group's start-up was still blocked after {timeout_s + STARTUP_GRACE_S:g} s "
+                       "(every rank reached the rendezvous store, but the connections between ranks did not "
+                       "complete)")
+    print(f"[fastinpo] {startup_failure_message(err, timeout_s)}", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def startup_failure_message(err: BaseException, timeout_s: float) -> str:
