@@ -44,7 +44,7 @@ LR = 1e-4
 # name -> (DeepSpeed preset ("zero3_tiny": zero3 with every parameter sharded), extra overrides, the 1-rank
 # (pairs_per_batch, grad_accum) that keeps 2 ranks x 1 pair x 1 = 2 pairs per step)
 CASES = {
-    "zero3-full": ("zero3_tiny", ["distributed.reference=sharded"], (2, 1)),
+    "zero3-full": ("zero3_tiny", [], (2, 1)),
     "zero2-lora": ("zero2", ["lora.rank=4", "optim.max_grad_norm=0.1"], (1, 2)),
 }
 

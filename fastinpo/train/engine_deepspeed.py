@@ -660,7 +660,7 @@ class DeepSpeedEngine(Engine):
         return final
 
     #: the longest the other ranks wait for rank 0's universal conversion (it reads and writes the optimizer state
-    #: once, ~12 bytes per trained parameter: minutes for a full SDXL UNet); torchrun stops them sooner if rank 0
+    #: about twice, 12 bytes per trained parameter: minutes for a full SDXL UNet); torchrun stops them sooner if rank 0
     #: fails. Not distributed.timeout_s: that bounds a lost peer, not this one-off work.
     UNIVERSAL_WAIT_S = 4 * 3600
 
