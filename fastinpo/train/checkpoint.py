@@ -5,6 +5,11 @@ place only when every file is on disk (``state.json`` last), so a crash — even
 leaves either a complete checkpoint or a ``.tmp-*`` folder that is ignored and removed. Resuming restores the
 trainable weights, the optimizer, the LR schedule, the loss scaler and the step counters; data order and all
 randomness are functions of (seed, step), so a resumed run continues exactly where it stopped.
+
+A DeepSpeed checkpoint written on W ranks resumes on W' ranks when the pairs per optimizer step
+(ranks x ``train.pairs_per_batch`` x ``train.grad_accum``) stay the same (:func:`world_size_change_problem`): the
+stream position of every pair, hence all its randomness, is unchanged, and the sharded optimizer state is
+converted once into DeepSpeed's universal checkpoint (:func:`universal_copy`, next to the shards, which are kept).
 """
 
 from __future__ import annotations
@@ -23,6 +28,10 @@ STEP_DIR = re.compile(r"^step-(\d{8})$")
 WEIGHTS = "trainable.safetensors"
 #: ``checkpoints/best.json``: which checkpoint ``train.keep_best`` keeps (its step, metric and value)
 BEST = "best.json"
+#: what a resume may change together, as long as the pairs per optimizer step stay the same
+BATCH_KEYS = ("train.pairs_per_batch", "train.grad_accum")
+#: ``step-N/universal/``: the DeepSpeed universal conversion of a checkpoint's shards (resume on another world size)
+UNIVERSAL = "universal"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -201,3 +210,95 @@ def load_checkpoint(path: Path, *, trainable: dict[str, torch.nn.Parameter], opt
     if scaler is not None and (path / "scaler.pt").is_file():
         scaler.load_state_dict(torch.load(path / "scaler.pt", map_location="cpu", weights_only=True))
     return json.loads((path / "state.json").read_text())
+
+
+# ----------------------------------------------------------------------------------------------- another world size
+def saved_world_size(state: dict[str, Any]) -> int:
+    """The ranks that wrote a checkpoint (its ``state.json``; one-process checkpoints: 1)."""
+    return int(state.get("world_size") or 1)
+
+
+def batch_settings(pairs_per_step: int, world_size: int, pairs_per_batch: int, grad_accum: int
+                   ) -> list[tuple[int, int]]:
+    """``(pairs_per_batch, grad_accum)`` that give ``pairs_per_step`` on ``world_size`` ranks, the ones closest to
+    the current settings first: same pairs per rank and forward pass (same memory) with another accumulation, then
+    the same accumulation with other pairs per forward pass. Empty when ``world_size`` does not divide it."""
+    if pairs_per_step % world_size:
+        return []
+    per_rank = pairs_per_step // world_size
+    found = []
+    if per_rank % pairs_per_batch == 0:
+        found.append((pairs_per_batch, per_rank // pairs_per_batch))
+    if per_rank % grad_accum == 0 and (per_rank // grad_accum, grad_accum) not in found:
+        found.append((per_rank // grad_accum, grad_accum))
+    if not found:
+        found.append((per_rank, 1))
+    return found
+
+
+def world_size_change_problem(checkpoint: Path, saved: tuple[int, int, int], now: tuple[int, int, int], *,
+                              resume: str = "latest") -> str | None:
+    """None when a checkpoint written with ``saved = (ranks, pairs_per_batch, grad_accum)`` can continue as
+    ``now``: the same pairs per optimizer step, so every pair keeps its stream position and randomness and the
+    run continues the same training. Otherwise the message, naming the settings that would keep it."""
+    (w0, b0, a0), (w1, b1, a1) = saved, now
+    pairs = w0 * b0 * a0
+    if w1 * b1 * a1 == pairs:
+        return None
+    head = (f"checkpoint {checkpoint} was written by {w0} rank(s) x train.pairs_per_batch = {b0} x train.grad_accum "
+            f"= {a0} = {pairs} pairs per optimizer step; this run has {w1} rank(s) x {b1} x {a1} = {w1 * b1 * a1}. ")
+    options = batch_settings(pairs, w1, b1, a1)
+    if not options:
+        divisors = [d for d in range(1, pairs + 1) if pairs % d == 0]
+        return head + (f"{pairs} pairs per step cannot be split evenly over {w1} ranks, so this run cannot continue "
+                       f"the same training: launch on a number of ranks that divides {pairs} "
+                       f"({', '.join(map(str, divisors))}).")
+    how = " or ".join(f"`fastinpo train CONFIG --resume {resume} --set train.pairs_per_batch={b} "
+                      f"--set train.grad_accum={a}`" for b, a in options)
+    same_memory = " (the first keeps the pairs per forward pass, so the memory per rank)" if (
+        len(options) > 1 and options[0][0] == b1) else ""
+    return head + (f"To continue the same training on {w1} rank(s), keep {pairs} pairs per step: relaunch (under "
+                   f"your launcher, e.g. torchrun --nproc_per_node {w1}) with {how}{same_memory}. "
+                   "A DeepSpeed checkpoint of another world size is converted once to DeepSpeed's "
+                   f"universal format (in {UNIVERSAL}/ inside the checkpoint; the original shards are kept).")
+
+
+def universal_copy(checkpoint: Path, tag: str) -> Path:
+    """``checkpoint/universal``: DeepSpeed's universal conversion of the shards in ``checkpoint/tag`` (any ZeRO
+    stage, any number of ranks; fp32 master weights, Adam moments and step per parameter), made once and reused.
+    Written under a temporary name, fsynced and renamed (a crash leaves a ``.tmp-universal-*`` folder, removed
+    by the next conversion); the original shards are only read. Returns the folder to pass to
+    ``engine.load_checkpoint(..., tag=tag)`` with ``checkpoint.load_universal`` set."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    final = checkpoint / UNIVERSAL
+    if (final / "latest_universal").is_file():
+        return final
+    for stale in checkpoint.glob(f".tmp-{UNIVERSAL}-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = checkpoint / f".tmp-{UNIVERSAL}-{os.getpid()}"
+    tmp.mkdir()
+    # one worker: the conversion's process pool would fork a process that holds the process group's threads;
+    # inject_missing_state: a diffusers UNet records no universal-checkpoint info (no tensor/pipeline parallelism)
+    args = argparse.Namespace(input_folder=str(checkpoint / tag), output_folder=str(tmp / tag),
+                              num_extract_workers=1, num_merge_workers=1, keep_temp_folder=False, strict=True,
+                              inject_missing_state=True)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its progress bars and prints
+        ds_to_universal.main(args)
+    (tmp / "conversion.log").write_text(log.getvalue())
+    for f in sorted(tmp.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(sub)
+    _fsync_dir(tmp)
+    if final.exists():  # an incomplete folder of that name (no latest_universal): not ours to keep
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync_dir(checkpoint)
+    return final

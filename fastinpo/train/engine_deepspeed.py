@@ -44,6 +44,7 @@ import os
 import shutil
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -584,7 +585,10 @@ class DeepSpeedEngine(Engine):
 
     def check_resume_point(self, resume_from: Path | None) -> None:
         """Before loading: every rank found the same complete checkpoint (the same ``state.json``, and its own
-        shard files), or none of them did — otherwise loading would desynchronise the ranks into a timeout."""
+        shard files — all of them when it was written on another world size), or none of them did — otherwise
+        loading would desynchronise the ranks into a timeout. A checkpoint of another world size is accepted when
+        the pairs per optimizer step stay the same (:meth:`_plan_world_size_change`)."""
+        saved_ranks = self._plan_world_size_change(resume_from)
         if self.world_size == 1:
             return
         import hashlib
@@ -593,8 +597,10 @@ class DeepSpeedEngine(Engine):
         if resume_from is not None:
             state = resume_from / "state.json"
             digest = hashlib.sha256(state.read_bytes()).hexdigest()[:16] if state.is_file() else "no state.json"
-            own = any(f"zero_pp_rank_{self.rank}_" in f.name for f in (resume_from / DS_TAG).glob("*")) if (
-                resume_from / DS_TAG).is_dir() else False
+            shards = resume_from / DS_TAG
+            names = [f.name for f in shards.glob("*")] if shards.is_dir() else []
+            ranks = [self.rank] if saved_ranks is None else range(saved_ranks)
+            own = all(any(f"zero_pp_rank_{r}_" in n for n in names) for r in ranks)
             mine = (resume_from.name, digest, own)
         everyone: list[Any] = [None] * self.world_size
         with self.waiting_on("the resume-point check (every rank's checkpoint)"):
@@ -683,21 +689,81 @@ class DeepSpeedEngine(Engine):
         env.barrier()
         return final
 
+    #: the longest the other ranks wait for rank 0's universal conversion (it reads and writes the optimizer state
+    #: about twice, 12 bytes per trained parameter: minutes for a full SDXL UNet); torchrun stops them sooner if rank 0
+    #: fails. Not distributed.timeout_s: that bounds a lost peer, not this one-off work.
+    UNIVERSAL_WAIT_S = 4 * 3600
+
+    def _plan_world_size_change(self, resume_from: Path | None) -> int | None:
+        """For a DeepSpeed checkpoint written on another number of ranks: refuse (naming the settings that would
+        work) unless this run keeps its pairs per optimizer step; else plan its universal load (DeepSpeed's
+        ``checkpoint.load_universal``, set before the engine is built) and return the ranks that wrote it. None
+        for a checkpoint of this world size (or none)."""
+        self.resume_ranks = None
+        if resume_from is None or not (resume_from / "state.json").is_file():
+            return None
+        saved = json.loads((resume_from / "state.json").read_text())
+        ranks = ckpt.saved_world_size(saved)
+        if saved.get("backend", "none") != "deepspeed" or ranks == self.world_size:
+            return None
+        t = self.config.train
+        if "config" not in saved:
+            raise ValueError(f"checkpoint {resume_from} was written by {ranks} ranks and records no config, so its "
+                             f"pairs per step are unknown: resume it on {ranks} ranks")
+        old = saved["config"]["train"]
+        found = ckpt.list_checkpoints(resume_from.parent.parent)
+        resume = "latest" if found and found[-1][1] == resume_from else str(resume_from)
+        problem = ckpt.world_size_change_problem(resume_from, (ranks, old["pairs_per_batch"], old["grad_accum"]),
+                                                 (self.world_size, t.pairs_per_batch, t.grad_accum), resume=resume)
+        if problem is not None:
+            raise ValueError(problem)
+        if self.config.optim.optimizer != "adamw":
+            raise ValueError(f"checkpoint {resume_from} was written by {ranks} ranks; resuming on {self.world_size} "
+                             "converts it to DeepSpeed's universal checkpoint, which knows Adam's state only "
+                             f"(optim.optimizer = {self.config.optim.optimizer!r}): resume it on {ranks} ranks")
+        self.resume_ranks = ranks
+        self.ds.setdefault("checkpoint", {})["load_universal"] = True
+        return ranks
+
+    def _wait_for_rank0(self, what: str, seconds: float) -> None:
+        """A barrier bounded by ``seconds`` rather than distributed.timeout_s (a gloo group of its own)."""
+        if self.world_size == 1:
+            return
+        group = torch.distributed.new_group(backend="gloo", timeout=timedelta(seconds=seconds))
+        try:
+            with self.waiting_on(what):
+                torch.distributed.barrier(group=group)
+        finally:
+            torch.distributed.destroy_process_group(group)
+
     def load_checkpoint(self, path: Path) -> dict[str, Any]:
         saved = json.loads((path / "state.json").read_text())
         if saved.get("backend", "none") != "deepspeed":
             raise ValueError(f"checkpoint {path} was written by a one-process run (distributed.backend = 'none'); "
                              "resume it with that backend")
-        if saved.get("world_size") != self.world_size:
-            raise ValueError(f"checkpoint {path} was written by {saved.get('world_size')} ranks, this run has "
-                             f"{self.world_size}: ZeRO shards resume exactly only on the same world size")
+        ranks = ckpt.saved_world_size(saved)
+        if ranks != self.world_size and getattr(self, "resume_ranks", None) != ranks:
+            raise ValueError(f"checkpoint {path} was written by {ranks} ranks, this run has {self.world_size}, and "
+                             "its resume was not planned (Engine.check_resume_point runs before the engine is built)")
         for key, want in (("method", self.config.method.name), ("lora", self.models.lora)):
             if saved.get(key) != want:
                 raise ValueError(f"checkpoint {path} has {key} = {saved.get(key)!r}, this run {want!r}")
-        load_path, _ = self.engine.load_checkpoint(str(path), tag=DS_TAG, load_module_strict=not self.models.lora,
+        load_dir = path
+        if ranks != self.world_size:
+            # every parameter's fp32 master weights, Adam moments and step, whole, re-sharded by DeepSpeed at load;
+            # the LR schedule and step counters come from the (copied) model-states file
+            if self.is_main:
+                started = time.perf_counter()
+                load_dir = ckpt.universal_copy(path, DS_TAG)
+                print(f"fastinpo train: checkpoint {path.name} ({ranks} ranks) as a universal checkpoint for "
+                      f"{self.world_size} ranks: {load_dir} ({time.perf_counter() - started:.1f} s; the "
+                      f"original shards in {path / DS_TAG} are kept)", flush=True)
+            self._wait_for_rank0("rank 0's universal-checkpoint conversion", self.UNIVERSAL_WAIT_S)
+            load_dir = path / ckpt.UNIVERSAL
+        load_path, _ = self.engine.load_checkpoint(str(load_dir), tag=DS_TAG, load_module_strict=not self.models.lora,
                                                    load_optimizer_states=True, load_lr_scheduler_states=True)
         if load_path is None:
-            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {path / DS_TAG}")
+            raise FileNotFoundError(f"DeepSpeed found no checkpoint under {load_dir / DS_TAG}")
         self.models.refresh_inversion_copy()
         return saved
 

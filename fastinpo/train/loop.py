@@ -254,7 +254,7 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
         print(f"fastinpo train: --resume latest: no checkpoint in {ckpt.checkpoint_dir(out_dir)}; starting at "
               "step 0")
     if resume_from is not None:
-        run_folder.check_resume_config(config, resume_from, out_dir)
+        run_folder.check_resume_config(config, resume_from, out_dir, world_size=engine.world_size)
 
     use_cache = bool(config.data.cache_dir)
     family = family_for_folder(config.model.path)

@@ -79,16 +79,27 @@ def saved_config(checkpoint: Path, out_dir: Path) -> dict[str, Any] | None:
     return load_config(path).to_dict() if path.is_file() else None
 
 
-def check_resume_config(config: Config, checkpoint: Path, out_dir: Path) -> None:
-    """A resume must train what the checkpoint's run trained: every key outside :data:`RESUMABLE_KEYS` equal."""
+def check_resume_config(config: Config, checkpoint: Path, out_dir: Path, *, world_size: int = 1) -> None:
+    """A resume must train what the checkpoint's run trained: every key outside :data:`RESUMABLE_KEYS` equal —
+    except ``train.pairs_per_batch`` and ``train.grad_accum`` when the pairs per optimizer step (ranks x both)
+    stay what they were (the same training on another number of ranks or another split: see
+    :func:`fastinpo.train.checkpoint.world_size_change_problem`)."""
+    import json
+
+    from fastinpo.train.checkpoint import BATCH_KEYS, saved_world_size
+
     saved = saved_config(checkpoint, out_dir)
     if saved is None:
         warnings.warn(f"checkpoint {checkpoint} records no config: the resumed run cannot be checked against it",
                       stacklevel=3)
         return
     old, new = _flatten(saved), _flatten(config.to_dict())
+    ranks = saved_world_size(json.loads((checkpoint / "state.json").read_text()))
+    same_pairs = (ranks * old.get(BATCH_KEYS[0], 1) * old.get(BATCH_KEYS[1], 1)
+                  == world_size * new[BATCH_KEYS[0]] * new[BATCH_KEYS[1]])
+    allowed = RESUMABLE_KEYS | (set(BATCH_KEYS) if same_pairs else set())
     changed = [f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
-               if k not in RESUMABLE_KEYS and old.get(k) != new.get(k)]
+               if k not in allowed and old.get(k) != new.get(k)]
     if changed:
         raise ValueError(
             f"resuming {checkpoint} with a config that differs from the run's in keys a resume cannot change:\n  "
