@@ -239,7 +239,7 @@ def update_readme(table: str, readme: str = os.path.join(REPO, "README.md")) -> 
 
 def _readme_line(path, model, method, mode, n, pairs, fast, ref, label) -> list[str]:
     """One README table line: a fastinpo case against the reference of its group (none if either is missing)."""
-    if not fast or not ref or fast["status"] != "ok":
+    if not fast or not ref or fast["status"] != "ok" or ref["status"] != "ok":  # e.g. InPO-flow: no reference
         return []
     dev = fast["device"].split(" (")[0]
     name = method + (f" (N={n})" if method == "inversion-dpo" else "") + (f", {label}" if label else "")
