@@ -188,6 +188,7 @@ def rows_for(group: Group, cases: list[Case], base: dict, model: str, peak_tflop
 
     ref_med, comp_med = med(ref_case), med(comp)
     ref_by_r = {r: t for r, t in ref_case.times} if ref_case and ref_case.times else {}
+    denoiser = "transformer" if group.flow else "UNet"
     rows = []
     for c in cases:
         row = dict(base, loadavg_1m=loadavg(), model=model, method=group.method,
@@ -195,7 +196,7 @@ def rows_for(group: Group, cases: list[Case], base: dict, model: str, peak_tflop
                    steps_N=group.num_steps if group.method == "inversion-dpo" else
                    (f"K={group.config.method.inversion_levels}" if group.method == "inpo" else ""),
                    case=c.name, optimization=c.optimization, optimization_state=c.state, status=c.status,
-                   note="; ".join(x for x in (c.note, f"reference {'transformer' if group.flow else 'UNet'} {group.ref_dtype}"
+                   note="; ".join(x for x in (c.note, f"reference {denoiser} {group.ref_dtype}"
                                                if c.name in ("reference", "fastinpo") else "") if x),
                    repeats=len(c.times), warmup=group.args.warmup)
         if c.times:
