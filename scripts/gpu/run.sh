@@ -151,8 +151,9 @@ kernels() {
 
 train_step() {
   if [ "$DRY" = 1 ]; then
-    "$PY" benchmarks/bench_train_step.py --smoke --out "$RES" --pipeline-dir "$SCRATCH/pipes" --repeats 1 \
-      --num-steps 2
+    # the UNet smoke (tiny-sd3 has its own stage, train-step-sd3)
+    "$PY" benchmarks/bench_train_step.py --smoke --model tiny-sdxl --out "$RES" --pipeline-dir "$SCRATCH/pipes" \
+      --repeats 1 --num-steps 2
   else
     # real size (random weights from the real configs), bf16 autocast, SDPA; fastinpo vs the reference step
     common=(--out "$RES" --pipeline-dir "$SCRATCH/pipes" --pairs 1 --repeats 3 --warmup 1 --no-variants)
