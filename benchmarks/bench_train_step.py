@@ -5,6 +5,12 @@ the method's loss, backward, gradient clipping, the optimizer. Every case of a g
 weights), the same data and the same per-pair randomness (the k-th timed step of every case sees the same pairs,
 the same t and noise), so the work is identical and only the implementation differs.
 
+Models: the tiny SDXL-shaped pipeline (CPU default), ``tiny-sd15``, ``tiny-sd3`` (the tiny SD3.5-structured MM-DiT of
+``make-tiny-pipeline --arch sd3``: Flow-DPO against its public-structure reference, and InPO for flows — fastinpo's own
+extension, no public implementation, so no reference row), and on a GPU the real-size ``sd15`` / ``sdxl`` / ``sd3``
+(SD3.5-medium, no T5) structures with random weights. Inversion-DPO is not defined for flow models: SD3 has no such
+group.
+
 Cases of a group (method × full/LoRA):
   - ``reference``: benchmarks/reference/ — the public scripts' structure (encoders every step, eager unfused
     losses, InPO inversion over the whole batch at every grid step, Inversion-DPO with winners and losers inverted
@@ -48,6 +54,7 @@ Usage::
     python benchmarks/bench_train_step.py --smoke        # CI: tiny SDXL-shaped pipeline, fastinpo vs reference
     python benchmarks/bench_train_step.py                # full CPU rows (tiny pipeline, every optimization)
     python benchmarks/bench_train_step.py --model sdxl   # on a GPU: SDXL-size UNet, random weights
+    python benchmarks/bench_train_step.py --model tiny-sd3 --methods diffusion-dpo inpo   # SD3 flow rows (CPU)
     python benchmarks/bench_train_step.py --readme-table
 """
 
@@ -70,7 +77,7 @@ if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the re
     sys.path.insert(0, REPO)
 
 from benchmarks.common import Timer, device_slug, loadavg, run_metadata  # noqa: E402
-from benchmarks.train_step_cases import Group, make_data, make_pipeline  # noqa: E402
+from benchmarks.train_step_cases import Group, is_flow_model, make_data, make_pipeline  # noqa: E402
 from benchmarks.train_step_report import (  # noqa: E402
     _num,
     fmt,
@@ -96,12 +103,14 @@ __all__ = ["Group", "build_group", "main", "readme_table", "run", "synchronized_
 
 # ----------------------------------------------------------------------------------------------- main
 def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    p.add_argument("--smoke", action="store_true", help="CI: tiny pipeline, fastinpo vs reference only, < 90 s")
+    p.add_argument("--smoke", action="store_true",
+                   help="CI: tiny SDXL and tiny SD3 pipelines, fastinpo vs reference only (SD3: Flow-DPO), < 2 min")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="results folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", nargs="+", default=None,
-                   choices=["tiny-sdxl", "tiny-sd15", "sd15", "sdxl"],
-                   help="tiny-sdxl (CPU default) / sd15 / sdxl: real UNet configs, random weights (GPU default)")
+                   choices=["tiny-sdxl", "tiny-sd15", "tiny-sd3", "sd15", "sdxl", "sd3"],
+                   help="tiny-sdxl (CPU default) / tiny-sd3 (flow) / sd15 / sdxl / sd3 (SD3.5-medium): real configs, "
+                        "random weights (GPU default: sd15 sdxl)")
     p.add_argument("--methods", nargs="+", default=["diffusion-dpo", "inpo", "inversion-dpo"],
                    choices=["diffusion-dpo", "inpo", "inversion-dpo"])
     p.add_argument("--modes", nargs="+", default=None, choices=["full", "lora"], help="default: full lora")
@@ -153,7 +162,7 @@ def run(args) -> int:
     dev = torch.device(args.device)
     cuda = dev.type == "cuda"
     if args.smoke:
-        args.model = args.model or ["tiny-sdxl"]
+        args.model = args.model or ["tiny-sdxl", "tiny-sd3"]
         args.modes = args.modes or ["full"]
         args.repeats = args.repeats or 3
         args.warmup = args.warmup if args.warmup is not None else 1
@@ -179,7 +188,7 @@ def run(args) -> int:
     peak = matmul_tflops(dev, timer)
     if peak:
         print(f"bf16 matmul rate (8192^3): {peak:.1f} TFLOP/s")
-    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.models.family import family_for_folder
 
     all_rows: list[dict] = []
     t_start = time.perf_counter()
@@ -188,14 +197,22 @@ def run(args) -> int:
         work = args.pipeline_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="fastinpo-bench-"))
         for model in args.model:
             tiny = model.startswith("tiny")
-            resolution = args.resolution or (32 if tiny else 1024 if model == "sdxl" else 512)
+            resolution = args.resolution or (32 if tiny else 1024 if model in ("sdxl", "sd3") else 512)
             args.resolution = resolution
             pairs_list = args.pairs or ([1, 2] if tiny and not args.smoke else [1])
             pipeline = make_pipeline(model, work, resolution)
-            comps = load_components(pipeline, dtype=torch.float16 if cuda else torch.float32)
-            encoder = Encoder(comps, dev)
+            family = family_for_folder(pipeline)
+            comps = family.load_components(pipeline, dtype=torch.float16 if cuda else torch.float32)
+            encoder = family.make_encoder(comps, dev)
             datas = {b: make_data(encoder, b, resolution, dev, seed=args.seed) for b in pairs_list}
-            plan = [(m, mode == "lora", n, b) for m in args.methods for b in pairs_list for mode in args.modes
+            methods = args.methods
+            if is_flow_model(model):  # Inversion-DPO is not defined for flows; the smoke runs Flow-DPO only
+                methods = [m for m in methods if m != "inversion-dpo" and (m == "diffusion-dpo" or not args.smoke)]
+                if len(methods) < len(args.methods):
+                    print(f"-- {model}: {', '.join(sorted(set(args.methods) - set(methods)))} not run "
+                          f"({'smoke: Flow-DPO only; ' if args.smoke else ''}"
+                          "inversion-dpo is not defined for flow models)", flush=True)
+            plan = [(m, mode == "lora", n, b) for m in methods for b in pairs_list for mode in args.modes
                     for n in (args.num_steps if m == "inversion-dpo" else [0])
                     if m != "inversion-dpo" or b == pairs_list[0]]
             units_done = False
@@ -246,17 +263,16 @@ def build_group(method: str, work_dir: str, *, lora: bool = False, pairs: int = 
                 seed: int = 0) -> Group:
     """One group's models, data and step functions outside :func:`run` (the pytest-benchmark suite uses it):
     ``group.fastinpo_step()`` and ``group.reference_step()`` return ``step(r)`` callables."""
-    from fastinpo.models.sd import Encoder, load_components
+    from fastinpo.models.family import family_for_folder
 
     args = add_arguments(argparse.ArgumentParser()).parse_args([])
     dev = torch.device(device or args.device)
-    args.resolution = resolution or (32 if model.startswith("tiny") else 1024 if model == "sdxl" else 512)
+    args.resolution = resolution or (32 if model.startswith("tiny") else 1024 if model in ("sdxl", "sd3") else 512)
     args.seed = seed
-    pipeline = os.path.join(work_dir, model)
-    if not os.path.isdir(pipeline):
-        make_pipeline(model, work_dir, args.resolution)
-    comps = load_components(pipeline, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
-    encoder = Encoder(comps, dev)
+    pipeline = make_pipeline(model, work_dir, args.resolution)
+    family = family_for_folder(pipeline)
+    comps = family.load_components(pipeline, dtype=torch.float16 if dev.type == "cuda" else torch.float32)
+    encoder = family.make_encoder(comps, dev)
     data = make_data(encoder, pairs, args.resolution, dev, seed=seed)
     return Group(args, dev, pipeline, comps, encoder, data, method, lora, num_steps)
 

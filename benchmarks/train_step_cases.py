@@ -29,19 +29,30 @@ WORDS = ("a red fox in the snow", "two castles at dusk", "portrait of an old sai
 
 
 # ----------------------------------------------------------------------------------------------- models
+def is_flow_model(model: str) -> bool:
+    """``tiny-sd3`` / ``sd3``: an SD3 (MM-DiT, flow-matching) pipeline rather than a UNet one."""
+    return model.endswith("sd3")
+
+
 def make_pipeline(model: str, work: str, resolution: int) -> str:
-    """The group's pipeline folder: tiny (``tiny-sdxl`` / ``tiny-sd15``) or real-size random (``sd15`` / ``sdxl``,
-    :mod:`fastinpo.models.full_size`; bf16 weights built on the GPU where there is one — the benchmark upcasts the
-    UNet)."""
-    from fastinpo.models.full_size import make_full_pipeline
+    """The group's pipeline folder: tiny (``tiny-sdxl`` / ``tiny-sd15`` / ``tiny-sd3``) or real-size random
+    (``sd15`` / ``sdxl`` / ``sd3`` = SD3.5-medium without T5, :mod:`fastinpo.models.full_size`; bf16 weights built on
+    the GPU where there is one — the benchmark upcasts the denoiser)."""
+    from fastinpo.models.full_size import make_full_pipeline, make_full_sd3_pipeline
     from fastinpo.models.sd import make_tiny_pipeline
+    from fastinpo.models.sd3 import make_tiny_sd3_pipeline
 
     folder = os.path.join(work, model)
     if os.path.isfile(os.path.join(folder, "model_index.json")):  # made earlier (--pipeline-dir): reuse it
         return folder
+    if model == "tiny-sd3":
+        return str(make_tiny_sd3_pipeline(folder, seed=0, sample_size=resolution))
     if model in ("tiny-sdxl", "tiny-sd15"):
         return str(make_tiny_pipeline(folder, model.split("-")[1], seed=0, sample_size=resolution))
     cuda = torch.cuda.is_available()
+    if model == "sd3":
+        return str(make_full_sd3_pipeline(folder, dtype=torch.bfloat16 if cuda else torch.float32,
+                                          resolution=resolution, device="cuda" if cuda else "cpu"))
     return str(make_full_pipeline(folder, model, dtype=torch.bfloat16 if cuda else torch.float32,
                                   resolution=resolution, device="cuda" if cuda else "cpu"))
 
@@ -90,16 +101,16 @@ def make_data(encoder, pairs: int, resolution: int, device: torch.device, n_batc
 
 # ----------------------------------------------------------------------------------------------- cases
 @contextlib.contextmanager
-def ddim_step_backend(use_ext: bool | None):
+def ddim_step_backend(use_ext: bool | None, op: str = "ddim_inversion_step"):
     """``None``: the dispatcher's automatic choice, as the trainer runs (the extension's fused inversion step where
     it is built); ``False``: the extension kept out of the automatic choice (the eager step), restoring the
-    registry afterwards."""
+    registry afterwards. ``op``: the step op (``flow_euler_step`` for InPO on flow models)."""
     from fastinpo.ops import dispatch
 
     if use_ext is None:
         yield
         return
-    impls = dispatch.implementations("ddim_inversion_step")
+    impls = dispatch.implementations(op)
     saved = impls.get("ext")
     if not use_ext and saved is not None:
         impls.pop("ext")
@@ -169,13 +180,17 @@ class Group:
         from benchmarks.reference import train_step as ref
         from fastinpo.config import load_config
         from fastinpo.methods import build_method
-        from fastinpo.ops.schedule import NoiseSchedule
+        from fastinpo.models.family import family_for_folder
         from fastinpo.train.models import build_models
 
         self.args, self.dev, self.method, self.lora, self.num_steps = args, dev, method, lora, num_steps
         self.data = data
         self.B = data.pairs
         self.secondary = secondary
+        self.family = family_for_folder(pipeline)
+        self.flow = self.family.schedule_kind == "flow"  # SD3: Flow-DPO / InPO for flows (SPEC §7)
+        if self.flow and method == "inversion-dpo":
+            raise ValueError("inversion-dpo is not defined for flow models (SPEC §7): no SD3 group for it")
         cuda = dev.type == "cuda"
         ref_dtype = args.ref_dtype or ("float16" if cuda else "float32")
         precision = "bf16" if cuda else '"no"'  # JSON-quoted: YAML would read a bare no as False
@@ -197,13 +212,12 @@ class Group:
         over += [f"model.reference_dtype={ref_dtype}"]
         self.ref_dtype = ref_dtype
         self.config = load_config(None, over)
-        self.schedule = NoiseSchedule.from_config(components.scheduler_config)
-        # a fresh float32 UNet per group (LoRA adds adapters in place); on a GPU re-read from disk rather than
-        # keep a second copy of a large UNet around
+        self.schedule = self.family.build_schedule(components.scheduler_config)
+        # a fresh float32 denoiser per group (LoRA adds adapters in place); on a GPU re-read from disk rather than
+        # keep a second copy of a large model around
         if cuda:
-            from diffusers import UNet2DConditionModel
-
-            unet = UNet2DConditionModel.from_pretrained(pipeline, subfolder="unet", torch_dtype=torch.float32)
+            unet = self.family.denoiser_class().from_pretrained(pipeline, subfolder=self.family.denoiser_folder,
+                                                                torch_dtype=torch.float32)
         else:
             unet = copy.deepcopy(components.unet)
         self.models = build_models(self.config, unet, dev)
@@ -269,8 +283,8 @@ class Group:
                 batch = batch.to(self.dev)
             else:
                 batch = self.data.encoded_at(r)
-            with ddim_step_backend(ext):
-                inputs = make_step_inputs(batch, self.empty, config, self.dev)
+            with ddim_step_backend(ext, self.step_op):
+                inputs = make_step_inputs(batch, self.empty, config, self.dev, self.family)
                 out = method(inputs, callables, loss_scale=1.0)
                 if not out.backward_done:
                     out.loss.backward()
@@ -280,6 +294,11 @@ class Group:
             models.refresh_inversion_copy()
 
         return step
+
+    @property
+    def step_op(self) -> str:
+        """The inversion's step op: the DDIM step, or the Euler step ``x + Δσ v`` of flow models."""
+        return "flow_euler_step" if self.flow else "ddim_inversion_step"
 
     def reference_step(self):
         from fastinpo.methods.base import PairRandomness
@@ -291,9 +310,11 @@ class Group:
             opt = self.optimizer("reference")
             self.ref_models.optimizer = opt
             raw = self.data.raw_at(r)
-            # the same per-pair t, ε and inversion noise as fastinpo's step r (seeded by the pairs' positions)
+            # the same per-pair t (flow: σ), ε and inversion noise as fastinpo's step r (seeded by the pairs'
+            # positions)
             rng = PairRandomness.for_positions(self.config.train.seed, raw.positions.tolist(), self.dev)
-            t = rng.timesteps(self.schedule.num_train_timesteps)
+            t = (self.fast_method.sigmas_for(rng).sigmas if self.flow
+                 else rng.timesteps(self.schedule.num_train_timesteps))
             noise = rng.randn(latent_shape, self.dev)
             gen = torch.Generator(self.dev).manual_seed(self.config.train.seed * 1000 + r)
             self.ref.reference_train_step(
@@ -309,8 +330,12 @@ class Group:
     def cases(self) -> list[Case]:
         from fastinpo.ops import extension
 
-        cases = [Case("reference", "reference", step=self.reference_step()),
-                 Case("fastinpo", "fastinpo", step=self.fastinpo_step())]
+        reference = Case("reference", "reference", step=self.reference_step())
+        if self.flow and self.method != "diffusion-dpo":  # InPO for flows: fastinpo's own extension
+            reference.status, reference.step = "n/a", None
+            reference.note = ("no public implementation to mirror: InPO for flows is fastinpo's own extension "
+                              "(flow SFT is not a preference method)")
+        cases = [reference, Case("fastinpo", "fastinpo", step=self.fastinpo_step())]
         if self.args.compile:
             cases += [self._compiled_reference(), self._compiled_fastinpo()]
         if self.args.no_variants:
@@ -350,17 +375,18 @@ class Group:
         if self.method in ("inpo", "inversion-dpo"):
             from fastinpo.ops import dispatch
 
-            chosen, _ = dispatch.resolve("ddim_inversion_step", self.config.method.loss_backend,
+            chosen, _ = dispatch.resolve(self.step_op, self.config.method.loss_backend,
                                          (torch.empty(1, device=self.dev),))
             c = Case("eager-step", "fastinpo", "fused inversion step (extension)", "off",
-                     self.fastinpo_step(ext=False), "the eager DDIM step in the inversion loops")
+                     self.fastinpo_step(ext=False),
+                     f"the eager {'Euler' if self.flow else 'DDIM'} step in the inversion loops")
             if chosen != "ext":
                 reason = extension.available_reason([torch.empty(1, device=self.dev)])
                 c.status, c.step = "n/a", None
                 c.note = f"the trainer's step already uses the {chosen!r} backend" + (f" ({reason})" if reason else "")
             cases.append(c)
         # optimizations of the issue that fastinpo does not implement yet: listed, so that none is silently missing
-        missing = {"inpo": [("cuda-graphs", "CUDA graphs for the InPO inversion")]}
+        missing = {"inpo": [("cuda-graphs", "CUDA graphs for the InPO inversion")]} if not self.flow else {}
         for name, what in missing.get(self.method, []):
             cases.append(Case(name, "fastinpo", what, "n/a", None, "not implemented in fastinpo yet",
                               status="not-implemented"))

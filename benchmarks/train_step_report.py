@@ -239,10 +239,12 @@ def update_readme(table: str, readme: str = os.path.join(REPO, "README.md")) -> 
 
 def _readme_line(path, model, method, mode, n, pairs, fast, ref, label) -> list[str]:
     """One README table line: a fastinpo case against the reference of its group (none if either is missing)."""
-    if not fast or not ref or fast["status"] != "ok":
+    if not fast or not ref or fast["status"] != "ok" or ref["status"] != "ok":  # e.g. InPO-flow: no reference
         return []
     dev = fast["device"].split(" (")[0]
-    name = method + (f" (N={n})" if method == "inversion-dpo" else "") + (f", {label}" if label else "")
+    flow = {"diffusion-dpo": "Flow-DPO", "inpo": "InPO-flow"} if model.endswith("sd3") else {}  # SD3: flow methods
+    name = (flow.get(method, method) + (f" (N={n})" if method == "inversion-dpo" else "")
+            + (f", {label}" if label else ""))
     paired = (f"{float(fast['paired_speedup_median']):.2f}x [{float(fast['paired_speedup_iqr']):.2f}]"
               if _num(fast["paired_speedup_median"]) is not None
               else f"{float(fast['speedup_vs_reference']):.2f}x")

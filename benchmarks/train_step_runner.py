@@ -85,7 +85,7 @@ class CallCounter:
 
     def _hook(self, module, args, kwargs):
         self.calls += 1
-        x = args[0] if args else kwargs["sample"]
+        x = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))  # UNet / SD3 transformer
         self.samples += int(x.shape[0])
 
     def remove(self):
@@ -188,6 +188,7 @@ def rows_for(group: Group, cases: list[Case], base: dict, model: str, peak_tflop
 
     ref_med, comp_med = med(ref_case), med(comp)
     ref_by_r = {r: t for r, t in ref_case.times} if ref_case and ref_case.times else {}
+    denoiser = "transformer" if group.flow else "UNet"
     rows = []
     for c in cases:
         row = dict(base, loadavg_1m=loadavg(), model=model, method=group.method,
@@ -195,7 +196,7 @@ def rows_for(group: Group, cases: list[Case], base: dict, model: str, peak_tflop
                    steps_N=group.num_steps if group.method == "inversion-dpo" else
                    (f"K={group.config.method.inversion_levels}" if group.method == "inpo" else ""),
                    case=c.name, optimization=c.optimization, optimization_state=c.state, status=c.status,
-                   note="; ".join(x for x in (c.note, f"reference UNet {group.ref_dtype}"
+                   note="; ".join(x for x in (c.note, f"reference {denoiser} {group.ref_dtype}"
                                                if c.name in ("reference", "fastinpo") else "") if x),
                    repeats=len(c.times), warmup=group.args.warmup)
         if c.times:
@@ -238,10 +239,12 @@ def policy_mfu_row(group: Group, base: dict, model: str, timer: Timer, peak_tflo
     e = group.data.encoded_at(0)
     n = e.latent_mean.shape[0]
     x = e.latent_mean
-    t = torch.randint(0, 1000, (n,), device=group.dev)
-    cond = {"encoder_hidden_states": e.prompt_embeds.repeat(2, 1, 1)}
-    if e.pooled_embeds is not None:
-        cond.update(text_embeds=e.pooled_embeds.repeat(2, 1), time_ids=e.time_ids)
+    if group.flow:  # SD3: the timestep is σ·T (a float), the cond holds the pooled projections
+        t = torch.rand(n, device=group.dev) * 1000
+    else:
+        t = torch.randint(0, 1000, (n,), device=group.dev)
+    cond = group.family.conditioning(e.prompt_embeds.repeat(2, 1, 1),
+                                     None if e.pooled_embeds is None else e.pooled_embeds.repeat(2, 1), e.time_ids)
     policy = group.models.callables.policy
 
     def fwd_bwd():

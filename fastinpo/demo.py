@@ -52,6 +52,28 @@ MATCH_RADIUS = 0.5  # colour distance at which a pixel stops counting as the cap
 CENTRE_RADIUS = 8.0  # pixels
 METHODS = ("sft", "diffusion-dpo", "inpo")
 LABELS = {"base": "base", "sft": "SFT", "diffusion-dpo": "Diffusion-DPO", "inpo": "DDIM-InPO"}
+#: ``--arch sd3``: the same three trainer methods on a flow model are flow SFT, Flow-DPO and InPO for flows (SPEC §7;
+#: the last is fastinpo's own extension, no paper reports it)
+FLOW_LABELS = {"base": "base", "sft": "flow SFT", "diffusion-dpo": "Flow-DPO",
+               "inpo": "InPO-flow (fastinpo's extension)"}
+
+
+#: ``--arch sd3``: the length of the T5 part of the prompt embeddings. The demo's generator has no T5, so that part is
+#: zeros (``StableDiffusion3Pipeline``'s convention; 256 tokens by default). For a model trained from scratch the length
+#: of that padding is free, and at 256 it made 333 of the tiny MM-DiT's 397 tokens per sample: a training step at
+#: batch 32 measured 9-10 s with them and 2.6 s without (1 thread, loaded machine). So the demo uses none — the 77
+#: CLIP tokens only — in every encoder it builds (the caches the trainer reads, and the sampler).
+SD3_T5_TOKENS = 0
+
+
+def encoder_options(family) -> dict[str, Any]:
+    """Keyword arguments of ``family.make_encoder`` for the demo (SD3: :data:`SD3_T5_TOKENS`)."""
+    return {"max_sequence_length": SD3_T5_TOKENS} if family.name == "sd3" else {}
+
+
+def labels_for(arch: str) -> dict[str, str]:
+    """The row names of the demo's table, plot and sample grid for generator ``arch`` (``sd15`` or ``sd3``)."""
+    return FLOW_LABELS if arch == "sd3" else LABELS
 
 
 # ----------------------------------------------------------------------------------------------- settings
@@ -229,8 +251,8 @@ def pretrain_unet(folder: Path, work: Path, images: np.ndarray, captions: list[s
     # re-decode the PNGs and re-run the VAE on both images of every pair, the larger part of a tiny step's cost.
     cache = work / "world-cache"
     dataset = PickAPicDataset(data, RES)
-    build_cache(dataset, family.make_encoder(family.load_components(folder, load_unet=False), "cpu"), cache,
-                progress=progress, overwrite=True)
+    build_cache(dataset, family.make_encoder(family.load_components(folder, load_unet=False), "cpu",
+                                             **encoder_options(family)), cache, progress=progress, overwrite=True)
     config = _train_config(
         model__path=str(folder), data__path=str(data), data__cache_dir=str(cache), data__resolution=RES,
         data__caption_dropout=s.pretrain_caption_dropout, method__name="sft", optim__lr=s.pretrain_lr,
@@ -327,7 +349,8 @@ class Sampler:
         family = family_for_folder(folder)
         self.flow = family.name == "sd3"  # SD3: the flow Euler sampler of its own scheduler, velocity CFG
         comps = family.load_components(folder)
-        self.encoder = family.make_encoder(comps, "cpu")
+        self.family = family
+        self.encoder = family.make_encoder(comps, "cpu", **encoder_options(family))
         self.unet = comps.unet.requires_grad_(False)
         self.base_state = {k: v.clone() for k, v in self.unet.state_dict().items()}
         scheduler_cls = FlowMatchEulerDiscreteScheduler if self.flow else DDIMScheduler
@@ -441,15 +464,18 @@ def make_pairs(sampler: Sampler, out: Path, s: DemoSettings, seed: int, progress
 
 # ----------------------------------------------------------------------------------------------- phase 4: training
 def train_method(method: str, base: Path, data: Path, out: Path, s: DemoSettings, seed: int, progress: bool, *,
-                 lr: float | None = None, validation_fraction: float = 0.0):
+                 lr: float | None = None, validation_fraction: float = 0.0, cache_dir: Path | None = None):
     """One preference run through the trainer; checkpoints at ``checkpoints`` evenly spaced steps. ``lr`` replaces
     ``pref_lr``; ``validation_fraction`` > 0 holds out that fraction of the pairs and validates at every checkpoint,
-    keeping the checkpoint of best validation implicit accuracy (the sweep)."""
+    keeping the checkpoint of best validation implicit accuracy (the sweep). ``cache_dir``: the pairs' latent/text
+    cache (``--arch sd3``: encoded with the demo's prompt length); none: the trainer encodes each step."""
     from fastinpo.train import train
 
     every = max(1, s.pref_steps // s.checkpoints)
-    validation = dict(data__validation_fraction=validation_fraction, train__validate_every=every,
-                      train__keep_best="val_implicit_acc") if validation_fraction > 0 else {}
+    extra = dict(data__validation_fraction=validation_fraction, train__validate_every=every,
+                 train__keep_best="val_implicit_acc") if validation_fraction > 0 else {}
+    if cache_dir is not None:
+        extra["data__cache_dir"] = str(cache_dir)
     config = _train_config(
         model__path=str(base), data__path=str(data), data__resolution=RES, data__caption_dropout=s.caption_dropout,
         method__name=method, method__beta=s.beta, method__inversion_levels=s.inversion_levels, method__eta=s.eta,
@@ -457,7 +483,7 @@ def train_method(method: str, base: Path, data: Path, out: Path, s: DemoSettings
         optim__warmup_steps=0,
         train__max_steps=s.pref_steps, train__pairs_per_batch=s.pref_batch, train__output_dir=str(out),
         train__seed=seed, train__log_every=max(1, s.pref_steps // 10), train__checkpoint_every=every,
-        train__keep_last=s.checkpoints + 1, train__progress=progress, **validation)
+        train__keep_last=s.checkpoints + 1, train__progress=progress, **extra)
     t0 = time.perf_counter()
     train(config)
     return time.perf_counter() - t0
@@ -500,20 +526,29 @@ def evaluate(sampler: Sampler, runs: dict[str, Path], s: DemoSettings, progress:
 
 
 # ----------------------------------------------------------------------------------------------- the demo
-def run_comparison(out: Path, base: Path, s: DemoSettings, seed: int, progress: bool) -> dict[str, Any]:
+def run_comparison(out: Path, base: Path, s: DemoSettings, seed: int, progress: bool,
+                   labels: dict[str, str] = LABELS) -> dict[str, Any]:
     """Phases 3-5 for one seed."""
     sampler = Sampler(base, s.sample_steps, s.guidance_scale)
     t0 = time.perf_counter()
     pairs = make_pairs(sampler, out, s, seed, progress)
+    cache = None
+    if sampler.family.name == "sd3":  # the trainer reads the pairs through a cache made by the demo's encoder
+        from fastinpo.data.cache import build_cache
+        from fastinpo.data.pickapic import PickAPicDataset
+
+        cache = out / "pairs-cache"
+        build_cache(PickAPicDataset(pairs["path"], RES), sampler.encoder, cache, progress=progress, overwrite=True)
     t_pairs = time.perf_counter() - t0
     runs, train_seconds = {}, {}
     for i, method in enumerate(METHODS):
         if progress:
-            print(f"4 train [{i + 1}/{len(METHODS)}] {LABELS[method]}", flush=True)
+            print(f"4 train [{i + 1}/{len(METHODS)}] {labels[method]}", flush=True)
         runs[method] = out / "runs" / method
         if runs[method].exists():
             shutil.rmtree(runs[method])
-        train_seconds[method] = train_method(method, base, Path(pairs["path"]), runs[method], s, seed, progress)
+        train_seconds[method] = train_method(method, base, Path(pairs["path"]), runs[method], s, seed, progress,
+                                             cache_dir=cache)
     t1 = time.perf_counter()
     samples, caps, seeds = evaluate(sampler, runs, s, progress)
     t_eval = time.perf_counter() - t1
@@ -563,23 +598,26 @@ def _run_demo(out_dir: str | Path, *, quick: bool, seeds: int, progress: bool, a
     t0 = time.perf_counter()
     if progress:
         print(f"fastinpo demo ({'quick' if quick else 'full'}, {seeds} seed(s)) -> {out}", flush=True)
-        print("1-2 world + generator: train the tiny VAE and UNet on the world", flush=True)
+        print(f"1-2 world + generator: train the tiny VAE and {'MM-DiT' if arch == 'sd3' else 'UNet'} on the world",
+              flush=True)
     generator = make_base_pipeline(out, s, seed=0, progress=progress, arch=arch)
     per_seed = []
     for k in range(seeds):
         if progress:
             print(f"--- comparison seed {k} ({k + 1}/{seeds}) ---", flush=True)
-        per_seed.append(run_comparison(out / f"seed-{k}", Path(generator["folder"]), s, seed=k, progress=progress))
+        per_seed.append(run_comparison(out / f"seed-{k}", Path(generator["folder"]), s, seed=k, progress=progress,
+                                       labels=labels_for(arch)))
     report = {"settings": asdict(s), "quick": quick, "world": {"captions": CAPTIONS, "colours": COLOURS,
               "reward": "mean colour match inside the centre disc (radius 8) minus outside; match = "
                         "clamp(1 - |x - colour| / 0.5, 0, 1), x in [0, 1]", "resolution": RES},
               "generator": generator, "seeds": per_seed, "aggregate": aggregate(per_seed)}
     if arch == "sd3":  # the default (SD1.5) report stays as it was
         report["arch"] = "sd3 (flow matching: flow SFT, Flow-DPO, InPO for flows - fastinpo's own extension)"
+        report["labels"] = FLOW_LABELS
     report["seconds_total"] = time.perf_counter() - t0
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_reward_vs_step(report, out / "reward_vs_step.png")
-    sample_grid(out / "seed-0", s, out / "samples.png")
+    sample_grid(out / "seed-0", s, out / "samples.png", labels=report.get("labels", LABELS))
     if progress:
         print(format_table(report), flush=True)
     return report
@@ -606,25 +644,28 @@ def aggregate(per_seed: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def format_table(report: dict[str, Any]) -> str:
+    labels = report.get("labels", LABELS)  # sd3 reports name the flow methods (FLOW_LABELS)
+    width = max(14, *map(len, labels.values()))
     lines = []
     for r in report["seeds"]:
         lines.append(f"seed {r['seed']}: {r['pairs']['pairs']} pairs ({r['pairs']['ties_dropped']} near-ties "
                      f"dropped), {report['settings']['pref_steps']} steps each")
-        lines.append(f"  {'model':<14} {'reward':>16} {'win vs base':>12}")
+        lines.append(f"  {'model':<{width}} {'reward':>16} {'win vs base':>12}")
         for m in ("base", *METHODS):
             f = r["final"][m]
-            lines.append(f"  {LABELS[m]:<14} {f['mean']:>8.4f} ± {f['se']:.4f} {f['win_rate_vs_base']:>12.2f}")
+            lines.append(f"  {labels[m]:<{width}} {f['mean']:>8.4f} ± {f['se']:.4f} {f['win_rate_vs_base']:>12.2f}")
     if len(report["seeds"]) > 1:
         a = report["aggregate"]
         lines.append(f"over {len(report['seeds'])} seeds (mean ± std over seeds)")
-        lines.append(f"  {'model':<14} {'reward':>16} {'gain vs base':>18} {'win vs base':>12}")
+        lines.append(f"  {'model':<{width}} {'reward':>16} {'gain vs base':>18} {'win vs base':>12}")
         for m in ("base", *METHODS):
             x = a[m]
-            lines.append(f"  {LABELS[m]:<14} {x['mean']:>8.4f} ± {x['std_over_seeds']:.4f} "
+            lines.append(f"  {labels[m]:<{width}} {x['mean']:>8.4f} ± {x['std_over_seeds']:.4f} "
                          f"{x['gain_over_base']:>+9.4f} ± {x['gain_std_over_seeds']:.4f} "
                          f"{x['win_rate_vs_base']:>12.2f}")
         d = a["inpo_minus_dpo"]
-        lines.append(f"  InPO - DPO: {d['mean']:+.4f} ± {d['std_over_seeds']:.4f} (std over seeds)")
+        names = ("InPO-flow", "Flow-DPO") if "labels" in report else ("InPO", "DPO")
+        lines.append(f"  {names[0]} - {names[1]}: {d['mean']:+.4f} ± {d['std_over_seeds']:.4f} (std over seeds)")
     return "\n".join(lines)
 
 
@@ -639,7 +680,7 @@ def plot_reward_vs_step(report: dict[str, Any], path: Path) -> None:
     for m in METHODS:
         curves = np.array([r["reward_vs_step"][m] for r in report["seeds"]])  # (seeds, points, 2)
         steps, mean = curves[0, :, 0], curves[:, :, 1].mean(0)
-        ax.plot(steps, mean, "o-", color=colors[m], label=LABELS[m])
+        ax.plot(steps, mean, "o-", color=colors[m], label=report.get("labels", LABELS)[m])
         if len(curves) > 1:
             sd = curves[:, :, 1].std(0, ddof=1)
             ax.fill_between(steps, mean - sd, mean + sd, color=colors[m], alpha=0.15)
@@ -654,7 +695,7 @@ def plot_reward_vs_step(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def sample_grid(seed_dir: Path, s: DemoSettings, path: Path) -> None:
+def sample_grid(seed_dir: Path, s: DemoSettings, path: Path, labels: dict[str, str] = LABELS) -> None:
     """Rows: methods (final checkpoints); columns: the same (caption, seed) for every row."""
     from PIL import Image, ImageDraw
 
@@ -664,12 +705,13 @@ def sample_grid(seed_dir: Path, s: DemoSettings, path: Path) -> None:
     # column i: caption i mod 8 with evaluation seed i // 8 (samples are stored caption-major)
     n_cols = min(s.grid_seeds, len(CAPTIONS) * s.eval_seeds)
     cols = [(i % len(CAPTIONS)) * s.eval_seeds + i // len(CAPTIONS) for i in range(n_cols)]
-    scale, label_w = 2, 110
+    scale = 2
+    label_w = max(110, 6 * max(map(len, labels.values())) + 12)  # PIL's default font: ~6 px per character
     cell = RES * scale
     img = Image.new("RGB", (label_w + cell * len(cols), cell * len(keys)), "white")
     draw = ImageDraw.Draw(img)
     for r, key in enumerate(keys):
-        draw.text((4, r * cell + cell // 2 - 6), LABELS[key.split("@")[0]], fill="black")
+        draw.text((4, r * cell + cell // 2 - 6), labels[key.split("@")[0]], fill="black")
         for c, j in enumerate(cols):
             tile = Image.fromarray(data[key][j].transpose(1, 2, 0)).resize((cell, cell),
                                                                                             Image.NEAREST)

@@ -1,7 +1,8 @@
 """The benchmark's reference training step (benchmarks/reference/) computes what fastinpo computes: for the same z0,
 t, noise and conditioning, the loss and the gradient of one step agree within the float32 tolerance of
 tests/tolerances.py — Diffusion-DPO, DDIM-InPO (η = 0 and η > 0 with the same per-sample noise) and Inversion-DPO
-(policy moved off the reference first: at θ = θ_ref its gradient is exactly 0), full and LoRA. A faster wrong
+(policy moved off the reference first: at θ = θ_ref its gradient is exactly 0), full and LoRA; and Flow-DPO on the
+tiny SD3 pipeline (the same σ and ε per pair), full and LoRA, with its every-step SD3 prompt encoding. A faster wrong
 answer would not count, so the benchmark's ratios rest on this test."""
 
 from __future__ import annotations
@@ -149,14 +150,84 @@ def test_encoders_match(tiny_pipelines):
     assert ((z - mean).abs() <= 6 * std + 1e-6).all() and not torch.allclose(z, mean)
 
 
+@pytest.fixture(scope="module")
+def tiny_sd3(tmp_path_factory):
+    from fastinpo.models.sd3 import make_tiny_sd3_pipeline
+
+    return make_tiny_sd3_pipeline(tmp_path_factory.mktemp("sd3") / "tiny-sd3")
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_flow_dpo_matches(tiny_sd3, lora):
+    """Flow-DPO (SPEC §7): fastinpo's method and the reference's public structure (separate policy and reference
+    calls, noising and target written out) give the same loss and gradient for the same per-pair σ and ε."""
+    from fastinpo.models.family import family_for_folder
+
+    gen = torch.Generator().manual_seed(14)
+    over = [f"model.path={tiny_sd3}", "data.path=unused", "method.name=diffusion-dpo", "method.beta=200",
+            "model.reference_dtype=float32", f"train.seed={SEED}", "method.loss_backend=reference"]
+    config = load_config(None, over + (["lora.rank=4"] if lora else []))
+    family = family_for_folder(tiny_sd3)
+    comps = family.load_components(tiny_sd3, load_vae=False, load_text=False)
+    models = build_models(config, comps.unet, torch.device("cpu"))
+    with torch.no_grad():  # off the reference (LoRA's B starts at 0: the gradient would be trivially 0)
+        for p in models.trainable:
+            p.add_(0.05 * torch.randn(p.shape, generator=gen))
+    schedule = family.build_schedule(comps.scheduler_config)
+    reference = ref.build_reference_models(
+        copy.deepcopy(models.unet), schedule, lora=lora,
+        ref_unet=None if lora else copy.deepcopy(models.reference_unet), ref_dtype=torch.float32, arch="sd3",
+        lr=None)
+    B, positions = 3, [5, 6, 7]
+    z0 = torch.randn(2 * B, 4, 16, 16, generator=gen)
+    cond = ref.make_cond(torch.randn(B, 20, 64, generator=gen), torch.randn(B, 64, generator=gen), None, "sd3")
+    method = build_method(config.method, schedule)
+    fast = method(StepInputs(z0, cond, PairRandomness.for_positions(SEED, positions, "cpu")), models.callables)
+    fast.loss.backward()
+    rng = PairRandomness.for_positions(SEED, positions, "cpu")  # the same per-pair draws, fed to the reference
+    sigma = method.sigmas_for(rng).sigmas
+    assert len(set(sigma.tolist())) == B  # one σ per pair, shared by its two images
+    noise = rng.randn(z0.shape[1:], "cpu")
+    out = ref.flow_dpo_loss(reference, z0, cond, sigma, noise, beta=200.0)
+    out.loss.backward()
+    _assert_same(fast.loss, _grads(models.trainable), out.loss, _grads(reference.trainable), "flow-dpo")
+
+
+def test_sd3_encoders_match(tiny_sd3):
+    """The reference's every-step SD3 ``encode_prompt`` and VAE latents give what fastinpo's SD3 encoder (and cache)
+    gives: CLIP-L + CLIP-G, the T5 part zeros, the VAE shift applied."""
+    from fastinpo.models.family import family_for_folder
+
+    family = family_for_folder(tiny_sd3)
+    comps = family.load_components(tiny_sd3)
+    encoder = family.make_encoder(comps, "cpu")
+    reference = ref.ReferenceModels(comps.unet, None, family.build_schedule(comps.scheduler_config), vae=comps.vae,
+                                    text_encoders=comps.text_encoders, tokenizers=comps.tokenizers, arch="sd3")
+    captions = ["a red fox in the snow", "", "two castles at dusk"]
+    prompt, pooled = ref.encode_prompt(reference, captions)
+    want_prompt, want_pooled = encoder.encode_text(captions)
+    assert prompt.shape == want_prompt.shape == (3, 77 + 256, 64)
+    assert_close_fp32(prompt, want_prompt, what="prompt embeds")
+    assert_close_fp32(pooled, want_pooled, what="pooled")
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    mean, std = encoder.encode_images(pixels)
+    z = ref.encode_vae(reference, pixels, torch.Generator().manual_seed(4))
+    # the posterior sample mean + std * n (diffusers draws n from the generator), shifted and scaled: exactly the
+    # cache's (mean, std) with the same n — an unshifted sample would be 0.0609 * 1.5305 = 0.093 off everywhere
+    n = torch.randn(mean.shape, generator=torch.Generator().manual_seed(4))
+    assert_close_fp32(z, mean + std * n, what="shifted, scaled posterior sample")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["inpo", "inversion-dpo"])
-def test_every_benchmark_case_runs(method, tmp_path):
+@pytest.mark.parametrize(("method", "model"), [("inpo", "tiny-sdxl"), ("inversion-dpo", "tiny-sdxl"),
+                                             ("diffusion-dpo", "tiny-sd3"), ("inpo", "tiny-sd3")])
+def test_every_benchmark_case_runs(method, model, tmp_path):
     """Every on/off case of the training-step benchmark runs a step (CI's benchmark smoke runs only fastinpo and
-    the reference): a case that broke would otherwise only show up as a 'failed' row in the next full run."""
+    the reference): a case that broke would otherwise only show up as a 'failed' row in the next full run. SD3:
+    Flow-DPO with its reference, InPO for flows without one (fastinpo's extension: the reference row is n/a)."""
     from benchmarks import bench_train_step as bts
 
-    group = bts.build_group(method, str(tmp_path), pairs=2 if method == "inpo" else 1, num_steps=3)
+    group = bts.build_group(method, str(tmp_path), pairs=2 if method == "inpo" else 1, num_steps=3, model=model)
     cases = group.cases()
     ran = []
     for case in cases:
@@ -167,7 +238,13 @@ def test_every_benchmark_case_runs(method, tmp_path):
         case.step(0)
         case.step(1)
         ran.append(case.name)
-    expected = {"inpo": {"bf16-inversion-copy", "whole-batch-inversion", "split-calls", "encoders-in-step"},
-                "inversion-dpo": {"trajectory-cache", "trajectory-cache+grad-steps-4", "grad-steps-4",
-                                  "nograd-steps-1", "all-in-graph", "split-calls"}}[method]
+    expected = {("inpo", "tiny-sdxl"): {"bf16-inversion-copy", "whole-batch-inversion", "split-calls",
+                                        "encoders-in-step"},
+                ("inversion-dpo", "tiny-sdxl"): {"trajectory-cache", "trajectory-cache+grad-steps-4", "grad-steps-4",
+                                                 "nograd-steps-1", "all-in-graph", "split-calls"},
+                ("diffusion-dpo", "tiny-sd3"): {"reference", "fastinpo", "encoders-in-step", "split-calls"},
+                ("inpo", "tiny-sd3"): {"fastinpo", "bf16-inversion-copy", "whole-batch-inversion", "split-calls",
+                                       "encoders-in-step"}}[(method, model)]
     assert expected <= set(ran), sorted(set(expected) - set(ran))
+    if model == "tiny-sd3" and method == "inpo":
+        assert next(c for c in cases if c.name == "reference").status == "n/a"

@@ -32,3 +32,11 @@ def test_sd3_demo_runs_every_phase(tmp_path, monkeypatch):
         assert r.mean() == pytest.approx(seed["reward_vs_step"][m][-1][1], abs=1e-6)
     assert seed["train_metrics_last"]["inpo"]["inversion_steps"] >= 1
     assert (tmp_path / "report.json").is_file() and (tmp_path / "samples.png").is_file()
+    # a flow model's rows are named for what they are; the UNet demo keeps its names
+    assert report["labels"] == demo.FLOW_LABELS
+    table = demo.format_table(report)
+    for name in ("flow SFT", "Flow-DPO", "InPO-flow (fastinpo's extension)"):
+        assert name in table
+    assert "Diffusion-DPO" not in table and "DDIM-InPO" not in table
+    unet_table = demo.format_table({k: v for k, v in report.items() if k != "labels"})
+    assert "Diffusion-DPO" in unet_table and "DDIM-InPO" in unet_table and "Flow-DPO" not in unet_table

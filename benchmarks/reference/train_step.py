@@ -1,5 +1,6 @@
-"""One training step of Diffusion-DPO, DDIM-InPO and Inversion-DPO, written the way the public training scripts
-structure it — the baseline fastinpo's training step is measured against (issue 8).
+"""One training step of Diffusion-DPO, DDIM-InPO and Inversion-DPO — and of Flow-DPO on SD3 flow models — written
+the way the public training scripts structure it: the baseline fastinpo's training step is measured against
+(issue 8; Flow-DPO: issue 19).
 
 It computes the math of SPEC.md (same objective, same conventions) but keeps the scripts' structure, which is what
 the benchmark exists to compare with:
@@ -22,6 +23,12 @@ the benchmark exists to compare with:
   points (4N UNet calls of 2 rows per pair); all N policy evaluations stay in one autograd graph and one
   ``backward``. (The released code also re-encodes the prompt and the empty prompt inside every ``ddim_inversion``
   call; this step encodes once per step, so it is, if anything, faster than the released structure.)
+- Flow-DPO (SD3 / SD3.5, SPEC §7) as the public SD3 DPO trainers and the diffusers SD3 training examples structure
+  it: the VAE latents ``(mean-free posterior sample - shift_factor) * scaling_factor`` and ``encode_prompt`` (CLIP-L
+  and CLIP-G penultimate states, zero-padded to the T5 width, T5 part zeros without T5; pooled = both projections)
+  every step; ``noisy = (1 - σ) z0 + σ ε`` with ``σ`` looked up per pair and the timestep ``σ · T``; target
+  ``ε - z0``; one transformer call for the policy and a separate one for the reference on ``[winners; losers]``;
+  the diffusers DPO loss on velocities (constant β);
 - the frozen reference UNet is a copy in ``ref_dtype`` (the scripts: fp16 for InPO and Diffusion-DPO, bf16 for
   Inversion-DPO); in LoRA mode the reference is the policy with its adapters disabled (diffusers' LoRA DPO
   example).
@@ -72,6 +79,11 @@ class ReferenceModels:
     optimizer: torch.optim.Optimizer | None = None
 
     @property
+    def flow(self) -> bool:
+        """An SD3 transformer (velocity prediction, flow matching) rather than a UNet."""
+        return self.arch == "sd3"
+
+    @property
     def lora(self) -> bool:
         return self.ref_unet is None
 
@@ -112,12 +124,23 @@ def _added(cond: dict, dtype: torch.dtype) -> dict | None:
     return added or None
 
 
+def _call(module, x: torch.Tensor, t: torch.Tensor, cond: dict, dtype: torch.dtype) -> torch.Tensor:
+    """One denoiser call with its inputs in ``dtype``: a UNet (``added_cond_kwargs`` for SDXL), or an SD3
+    transformer (``pooled_projections``), as the scripts call them."""
+    if "pooled_projections" in cond:
+        return module(hidden_states=x.to(dtype), timestep=t,
+                      encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                      pooled_projections=cond["pooled_projections"].to(dtype)).sample
+    return module(x.to(dtype), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dtype),
+                  added_cond_kwargs=_added(cond, dtype)).sample
+
+
 def policy_pred(models: ReferenceModels, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
-    """The policy's ε (float32 weights, autocast when ``amp_dtype`` is set, as accelerate's mixed precision)."""
+    """The policy's ε (SD3: velocity) (float32 weights, autocast when ``amp_dtype`` is set, as accelerate's mixed
+    precision)."""
     ctx = torch.autocast(x.device.type, dtype=models.amp_dtype) if models.amp_dtype is not None else nullcontext()
     with ctx:
-        return models.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                           added_cond_kwargs=_added(cond, torch.float32)).sample
+        return _call(models.unet, x, t, cond, torch.float32)
 
 
 def reference_pred(models: ReferenceModels, x: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
@@ -125,29 +148,30 @@ def reference_pred(models: ReferenceModels, x: torch.Tensor, t: torch.Tensor, co
     if models.lora:
         models.unet.disable_adapters()
         try:
-            return models.unet(x, t, encoder_hidden_states=cond["encoder_hidden_states"],
-                               added_cond_kwargs=_added(cond, torch.float32)).sample
+            return _call(models.unet, x, t, cond, torch.float32)
         finally:
             models.unet.enable_adapters()
-    dt = models.ref_dtype
-    return models.ref_unet(x.to(dt), t, encoder_hidden_states=cond["encoder_hidden_states"].to(dt),
-                           added_cond_kwargs=_added(cond, dt)).sample
+    return _call(models.ref_unet, x, t, cond, models.ref_dtype)
 
 
 # ----------------------------------------------------------------------------------------------- encoders
 @torch.no_grad()
 def encode_vae(models: ReferenceModels, pixels: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """``vae.encode(pixels).latent_dist.sample() * scaling_factor`` — a fresh posterior sample, every step."""
+    """``vae.encode(pixels).latent_dist.sample() * scaling_factor`` — a fresh posterior sample, every step (SD3:
+    ``(sample - shift_factor) * scaling_factor``)."""
     vae = models.vae
     dtype = next(vae.parameters()).dtype
     latents = vae.encode(pixels.to(dtype)).latent_dist.sample(generator=generator)
-    return latents.float() * vae.config.scaling_factor
+    shift = (vae.config.shift_factor or 0.0) if models.flow else 0.0
+    return (latents.float() - shift) * vae.config.scaling_factor
 
 
 @torch.no_grad()
 def encode_prompt(models: ReferenceModels, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The diffusers DPO examples' ``encode_prompt``: SD1.5 ``text_encoder(ids)[0]``; SDXL the penultimate hidden
     states of both encoders concatenated and encoder 2's projected pooled output."""
+    if models.flow:
+        return encode_prompt_sd3(models, captions)
     embeds, pooled = [], None
     device = next(models.text_encoders[0].parameters()).device
     for tokenizer, text_encoder in zip(models.tokenizers, models.text_encoders, strict=True):
@@ -162,9 +186,39 @@ def encode_prompt(models: ReferenceModels, captions: list[str]) -> tuple[torch.T
     return torch.cat(embeds, dim=-1).float(), (None if pooled is None else pooled.float())
 
 
-def make_cond(prompt_embeds: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None) -> dict:
-    """UNet conditioning for ``[winners; losers]`` (each pair's caption repeated for both images)."""
+@torch.no_grad()
+def encode_prompt_sd3(models: ReferenceModels, captions: list[str], max_sequence_length: int = 256,
+                      joint_attention_dim: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``StableDiffusion3Pipeline.encode_prompt`` as the SD3 training scripts call it (no CFG, no clip skip): CLIP-L
+    and CLIP-G penultimate hidden states concatenated, zero-padded to the T5 width and concatenated with the T5
+    sequence — zeros of ``(max_sequence_length, joint_attention_dim)`` without T5 —, pooled = both projections."""
+    device = next(models.text_encoders[0].parameters()).device
+    clip_embeds, pooled = [], []
+    for tokenizer, text_encoder in zip(models.tokenizers[:2], models.text_encoders[:2], strict=True):
+        ids = tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                        return_tensors="pt").input_ids.to(device)
+        out = text_encoder(ids, output_hidden_states=True)
+        pooled.append(out[0])
+        clip_embeds.append(out.hidden_states[-2])
+    clip = torch.cat(clip_embeds, dim=-1)
+    if len(models.text_encoders) > 2:
+        ids = models.tokenizers[2](captions, padding="max_length", max_length=max_sequence_length, truncation=True,
+                                   add_special_tokens=True, return_tensors="pt").input_ids.to(device)
+        t5 = models.text_encoders[2](ids)[0]
+    else:
+        width = joint_attention_dim or models.unet.config.joint_attention_dim
+        t5 = torch.zeros(len(captions), max_sequence_length, width, device=device, dtype=clip.dtype)
+    clip = F.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+    return torch.cat([clip, t5], dim=-2).float(), torch.cat(pooled, dim=-1).float()
+
+
+def make_cond(prompt_embeds: torch.Tensor, pooled: torch.Tensor | None, time_ids: torch.Tensor | None,
+              arch: str = "sdxl") -> dict:
+    """Denoiser conditioning for ``[winners; losers]`` (each pair's caption repeated for both images)."""
     cond = {"encoder_hidden_states": prompt_embeds.repeat(2, 1, 1)}
+    if arch == "sd3":
+        cond["pooled_projections"] = pooled.repeat(2, 1)
+        return cond
     if pooled is not None:
         cond["text_embeds"] = pooled.repeat(2, 1)
         cond["time_ids"] = time_ids
@@ -194,6 +248,20 @@ def diffusion_dpo_loss(models: ReferenceModels, z0: torch.Tensor, cond: dict, t:
     a = alphas[timesteps].view(-1, 1, 1, 1)
     noisy = a.sqrt() * z0 + (1 - a).sqrt() * noise  # noise_scheduler.add_noise
     return dpo_on(models, noisy, timesteps, cond, noise, beta)
+
+
+def flow_dpo_loss(models: ReferenceModels, z0: torch.Tensor, cond: dict, sigma: torch.Tensor, noise: torch.Tensor,
+                  beta: float, num_train_timesteps: int = 1000) -> LossOut:
+    """Flow-DPO (SPEC §7) as the public SD3 DPO code writes it: ``sigma`` ``(B,)`` (one per pair, looked up in the
+    scheduler's training table by the caller), ``noise`` ``(B, ...)``: the same σ and ε for both images of a pair;
+    ``noisy = (1 - σ) z0 + σ ε``, timestep ``σ · T``, target ``ε - z0``, then the diffusers DPO loss."""
+    sigmas = sigma.to(z0.device, torch.float32).repeat(2)
+    noise = noise.repeat(2, 1, 1, 1)
+    s = sigmas.view(-1, 1, 1, 1)
+    noisy = (1.0 - s) * z0 + s * noise
+    timesteps = sigmas * num_train_timesteps
+    target = noise - z0
+    return dpo_on(models, noisy, timesteps, cond, target, beta)
 
 
 def dpo_on(models: ReferenceModels, x: torch.Tensor, timesteps: torch.Tensor, cond: dict, target: torch.Tensor,
@@ -355,9 +423,9 @@ def reference_train_step(models: ReferenceModels, method: str, pixels: torch.Ten
                          max_grad_norm: float = 1.0) -> torch.Tensor:
     """One optimizer step from pixels ``(2B, 3, R, R)`` (winners first) and B captions.
 
-    ``t`` ``(B,)`` and ``noise`` ``(B, C, h, w)`` are given by the caller (the benchmark hands both
-    implementations the same per-pair draws, so they do the same work); ``generator`` drives the VAE posterior
-    sample and caption dropout. Returns the (detached) loss.
+    ``t`` ``(B,)`` (SD3: each pair's σ, a float in (0, 1]) and ``noise`` ``(B, C, h, w)`` are given by the caller
+    (the benchmark hands both implementations the same per-pair draws, so they do the same work); ``generator``
+    drives the VAE posterior sample and caption dropout. Returns the (detached) loss.
     """
     device = pixels.device
     if caption_dropout > 0:  # the scripts' `random.random() < proportion_empty_prompts`, one draw per pair
@@ -366,8 +434,12 @@ def reference_train_step(models: ReferenceModels, method: str, pixels: torch.Ten
         captions = ["" if d < caption_dropout else c for d, c in zip(drop, captions, strict=True)]
     z0 = encode_vae(models, pixels, generator)
     prompt_embeds, pooled = encode_prompt(models, captions)
-    cond = make_cond(prompt_embeds.to(device), None if pooled is None else pooled.to(device), time_ids)
-    if method == "diffusion-dpo":
+    cond = make_cond(prompt_embeds.to(device), None if pooled is None else pooled.to(device), time_ids, models.arch)
+    if models.flow:
+        if method != "diffusion-dpo":
+            raise ValueError(f"the reference implements Flow-DPO (diffusion-dpo) on SD3, not {method!r}")
+        out = flow_dpo_loss(models, z0, cond, t, noise, beta)
+    elif method == "diffusion-dpo":
         out = diffusion_dpo_loss(models, z0, cond, t, noise, beta)
     elif method == "inpo":
         out = inpo_loss(models, z0, cond, t, beta, num_levels=num_levels, eta=eta, generators=inversion_generators)

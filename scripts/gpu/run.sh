@@ -19,7 +19,7 @@ for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --total-s=*) TOTAL_S=${arg#*=} ;;
-    --only=*) ONLY=${arg#*=} ;;  # e.g. --only=build,train-step,e2e for a second call
+    --only=*) ONLY=${arg#*=} ;;  # e.g. --only=build,train-step,e2e or --only=build,train-step-sd3
     *) echo "run.sh: unknown option $arg (use --dry-run, --total-s=N, --only=STAGE,...)" >&2; exit 2 ;;
   esac
 done
@@ -151,8 +151,9 @@ kernels() {
 
 train_step() {
   if [ "$DRY" = 1 ]; then
-    "$PY" benchmarks/bench_train_step.py --smoke --out "$RES" --pipeline-dir "$SCRATCH/pipes" --repeats 1 \
-      --num-steps 2
+    # the UNet smoke (tiny-sd3 has its own stage, train-step-sd3)
+    "$PY" benchmarks/bench_train_step.py --smoke --model tiny-sdxl --out "$RES" --pipeline-dir "$SCRATCH/pipes" \
+      --repeats 1 --num-steps 2
   else
     # real size (random weights from the real configs), bf16 autocast, SDPA; fastinpo vs the reference step
     common=(--out "$RES" --pipeline-dir "$SCRATCH/pipes" --pairs 1 --repeats 3 --warmup 1 --no-variants)
@@ -162,6 +163,16 @@ train_step() {
       --compile --tag sdxl-lora "${common[@]}"
     "$PY" benchmarks/bench_train_step.py --model sd15 --modes full lora --num-steps 20 --tag sd15 "${common[@]}"
   fi
+}
+
+train_step_sd3() {
+  # SD3.5-medium (the `--arch sd3 --size full` structure: MM-DiT 2.5B, CLIP-L, CLIP-G, no T5; random weights) at
+  # 1024 px, B = 1: one Flow-DPO LoRA training step, fastinpo vs the public-structure reference — step time, peak
+  # memory (max_memory_allocated above the resident models), and the policy fwd+bwd MFU row. Dry run: tiny-sd3.
+  local model=sd3 extra=(--repeats 3 --warmup 1)
+  [ "$DRY" = 1 ] && { model=tiny-sd3; extra=(--repeats 1 --warmup 0); }
+  "$PY" benchmarks/bench_train_step.py --model $model --modes lora --methods diffusion-dpo --pairs 1 --no-variants \
+    --out "$RES" --pipeline-dir "$SCRATCH/pipes" --tag sd3-lora "${extra[@]}"
 }
 
 e2e() {
@@ -211,7 +222,7 @@ e2e() {
   true
 }
 
-export -f wheels build correctness kernels train_step e2e
+export -f wheels build correctness kernels train_step train_step_sd3 e2e
 export PY REPO RES LOGS SITE SCRATCH DRY OUT
 # arrays do not cross `bash -c`: each stage re-creates FASTINPO from PY
 # (the dry run installs the cp312 wheels only to check them: they are not put on the CPU Python's path)
@@ -226,6 +237,7 @@ stage correctness "$(b 100 120)" "$PRELUDE correctness"
 stage kernels     "$(b 80 60)"   "$PRELUDE kernels"
 stage train-step  "$(b 170 150)" "$PRELUDE train_step"
 stage e2e         "$(b 150 360)" "$PRELUDE e2e"
+stage train-step-sd3 "$(b 150 240)" "$PRELUDE train_step_sd3"  # new (issue 19): last, so it never costs the others
 
 # ---------------------------------------------------------------------------------------------------- summary
 {
