@@ -405,7 +405,11 @@ def test_two_ranks_equal_one_process(case, ds_results, single_results):
         assert a["loss"] == pytest.approx(b["loss"], abs=tol), (case, a["step"], a["loss"], b["loss"])
         # Inversion-DPO's gradient is a near-cancelling difference of two per-sample terms (norm ~1e-3): float32
         # noise is ~1e-3 of it (measured up to 1.5e-3); the others' are plain sums of per-pair terms
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=IDPO_GRAD_NORM_RTOL if idpo else GRAD_NORM_RTOL), (
+        grad_tol = IDPO_GRAD_NORM_RTOL if idpo else GRAD_NORM_RTOL
+        if policy_fed_half_reference and a["step"] > 1:
+            # the shifted logit changes each pair's gradient weight σ'·β/2 by about the loss's shift (logit ~ 0)
+            grad_tol = half_reference_loss_tol(BETA)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=grad_tol), (
             case, a["step"], a["grad_norm"], b["grad_norm"])
     if not idpo:  # clipping took part in the comparison
         max_norm = float([e for e in _base("p", "d", "o", method, *extra) if e.startswith("optim.max_grad_norm=")][-1]

@@ -176,19 +176,20 @@ def distributed_weight_error(actual: dict[str, torch.Tensor], expected: dict[str
 # A half-precision (fp16/bf16) reference rounds its inputs and every activation to 2^-11 (fp16) / 2^-8 (bf16)
 # relative. Float32 noise of ~1e-7 upstream of it (the VAE or text encoders on another batch shape or thread count,
 # InPO's inverted latents from a float32 policy) flips a few of those roundings, which moves the reference's ε by
-# one half-precision unit there, and the DPO logit by β/2 times what that does to a per-sample MSE. Measured at
-# β = 100 against one process with 2 pairs per call: 1.5e-4 (Diffusion-DPO, step 2: issue 16's "dpo-full-fp16ref"
-# gap), 2.6e-4 (InPO, step 1), the same at ZeRO-2, ZeRO-3 and offload — a rounding artefact, not the distribution.
-# So a half-precision-reference run is compared with the one process that makes the same calls (1 pair per call x
-# W accumulation steps, 1 thread as each rank): its reference sees bitwise the same inputs, and step 1 agrees to the
+# one half-precision unit there, and the DPO logit by β/2 times what that does to a per-sample MSE. Measured at β =
+# 100 against one process with 2 pairs per call: 1.5e-4 (Diffusion-DPO, step 2: issue 16's "dpo-full-fp16ref" gap),
+# 2.6e-4 (InPO, step 1), the same at ZeRO-2, ZeRO-3 and offload — a rounding artefact, not the distribution. So a
+# half-precision-reference run is compared with the one process that makes the same calls (1 pair per call x W
+# accumulation steps, 1 thread as each rank): its reference sees bitwise the same inputs, and step 1 agrees to the
 # float32 rule (measured: 0 for Diffusion-DPO and InPO). Where the reference's input depends on the policy (InPO
 # inverts with it), later steps see the policy's float32 weight noise through those roundings again. One flipped
-# fp16 unit δ = 2^-10 (|ε| in [1, 2)) in one of the n latent elements of a sample moves that sample's MSE by
-# 2|r|δ/n (r: the ε residual, |r| <~ 1) and the loss by at most σ'·β/2 ≤ β/8 times it: β·|r|·δ/(4n) ≈ 3.8e-6·β for
-# the tiny test model (n = 64). HALF_REFERENCE_LOSS_TOL_PER_BETA allows ~3 such flips (measured: 4.9e-4 at β = 100,
-# InPO step 2); the weights then differ by what Adam makes of the changed gradient coefficients (measured 4.4e-6),
-# bounded like one-process runs with Adam's default eps (WEIGHT_TOL in tests/test_distributed.py: 1e-5, a tenth
-# of lr). A real defect is caught at step 1, where the float32 rule holds.
+# fp16 unit δ = 2^-10 (|ε| in [1, 2)) in one of the n latent elements of a sample moves that sample's MSE by 2|r|δ/n
+# (r: the ε residual, |r| <~ 1) and the loss by at most σ'·β/2 ≤ β/8 times it: β·|r|·δ/(4n) ≈ 3.8e-6·β for the tiny
+# test model (n = 64). HALF_REFERENCE_LOSS_TOL_PER_BETA allows ~3 such flips (measured: 4.9e-4 at β = 100, InPO step
+# 2; the gradient norm, whose per-pair weights σ'·β/2 move by about the loss's shift, 4.7e-4 relative: the same
+# number is its relative bound); the weights then differ by what Adam makes of the changed gradient coefficients
+# (measured 4.4e-6), bounded like one-process runs with Adam's default eps (WEIGHT_TOL in tests/test_distributed.py:
+# 1e-5, a tenth of lr). A real defect is caught at step 1, where the float32 rule holds.
 HALF_REFERENCE_LOSS_TOL_PER_BETA = 1e-5
 HALF_REFERENCE_WEIGHT_TOL = 1e-5
 
