@@ -22,7 +22,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.tolerances import distributed_loss_tol
+from tests.tolerances import (
+    DISTRIBUTED_ADAM_EPS,
+    DISTRIBUTED_WEIGHT_TOL,
+    HALF_REFERENCE_WEIGHT_TOL,
+    distributed_loss_tol,
+    distributed_weight_error,
+    half_reference_loss_tol,
+)
 
 pytestmark = pytest.mark.distributed
 
@@ -30,7 +37,12 @@ BETA = 100.0
 # float32: the 2-rank run sums the same per-pair terms in another order (per rank, then an average over ranks);
 # the rule and its reason: tests/tolerances.py (distributed_loss_tol)
 LOSS_TOL = distributed_loss_tol(BETA)
-# Adam divides by sqrt(v): float32 noise in a near-zero gradient moves a weight by up to a fraction of lr (1e-4)
+# the gradient norm DeepSpeed reports vs one process's: float32 sums of per-pair terms in another order
+GRAD_NORM_RTOL = 1e-4
+IDPO_GRAD_NORM_RTOL = 1e-2  # see test_two_ranks_equal_one_process
+# Runs with Adam's default eps = 1e-8 (tests/test_sd3_distributed.py): Adam divides by sqrt(v), so float32 noise
+# in a near-zero gradient moves a weight by up to a fraction of lr (1e-4); this file's cases train with
+# DISTRIBUTED_ADAM_EPS and hold DISTRIBUTED_WEIGHT_TOL (tests/tolerances.py)
 WEIGHT_TOL = 1e-5
 # The bf16 inversion copy vs the fp32 policy: the copy's weights are rounded to 8 mantissa bits (relative 2^-9),
 # which changes each ε by ~1e-2 relative on this random tiny UNet; K = 4 inversion steps accumulate that into the
@@ -39,14 +51,17 @@ BF16_INVERSION_TOL = 5e-2
 
 PAIRS_PER_RANK = 1
 WORLD = 2
+STEPS = 2  # step 1 checks the forward and the reduced gradient, step 2 the update (and the state it leaves)
 
 
 def _base(pipeline, data, out, method, *extra) -> list[str]:
+    # optim.eps: see tests/tolerances.py (DISTRIBUTED_ADAM_EPS): with Adam's default 1e-8 a near-zero gradient
+    # element's update amplifies float32 noise up to ~lr, and every later step would compare that noise
     return [f"model.path={pipeline}", f"data.path={data}", "data.resolution=32", f"method.name={method}",
             f"method.beta={BETA:g}", "method.eta=0", "method.inversion_levels=4", "data.caption_dropout=0.5",
             "optim.lr=1e-4", "optim.scale_lr=false", "optim.max_grad_norm=1.0",  # clips: |g| ~ 20 here
-            "train.max_steps=3", f"train.output_dir={out}", "train.log_every=1", "train.progress=false",
-            "train.device=cpu", "train.checkpoint_every=0", *extra]
+            f"optim.eps={DISTRIBUTED_ADAM_EPS:g}", f"train.max_steps={STEPS}", f"train.output_dir={out}",
+            "train.log_every=1", "train.progress=false", "train.device=cpu", "train.checkpoint_every=0", *extra]
 
 
 def _ds(pipeline, data, out, method, preset, *extra) -> list[str]:
@@ -59,35 +74,56 @@ def _single(pipeline, data, out, method, *extra) -> list[str]:
     return _base(pipeline, data, out, method, f"train.pairs_per_batch={PAIRS_PER_RANK * WORLD}", *extra)
 
 
-# name -> (method, extra overrides); each runs on 2 ranks and (except where noted) as one process
-CASES = {
-    "dpo-full": ("diffusion-dpo", ["distributed.reference=sharded"]),
-    "dpo-lora": ("diffusion-dpo", ["lora.rank=4", "optim.max_grad_norm=0.1"]),  # LoRA: |g| ~ 0.2
-    "inpo-full": ("inpo", ["distributed.inversion_copy=float32"]),
-    # no inversion copy: the inversion calls the sharded policy, ranks kept in lockstep (InversionLockstep)
-    "inpo-lora": ("inpo", ["lora.rank=4", "optim.max_grad_norm=0.1"]),
-    # the memory-light gradient back-propagates N times per micro-batch through Models.backward = engine.backward.
-    # fp32 reference + non-zero LoRA init: with a bf16 reference (the other symmetry breaking) D is bf16 rounding
-    # noise, which depends on the batch shape, and the comparison would measure nothing but that
-    "idpo-lora": ("inversion-dpo", ["lora.rank=4", "lora.init=gaussian", "method.symmetry_breaking=lora-init",
-                                    "method.num_steps=3", "data.caption_dropout=0", "train.max_steps=2"]),
-    # ZeRO-2 with the memory-light gradient's several engine.backward calls per micro-batch (issue 16 item 2:
-    # DeepSpeed's managed accumulation kept only part of the gradient; the engine runs stage 2 unmanaged)
-    "idpo-lora-zero2": ("inversion-dpo", ["lora.rank=4", "lora.init=gaussian", "method.symmetry_breaking=lora-init",
-                                          "method.num_steps=3", "data.caption_dropout=0", "train.max_steps=2",
-                                          "distributed.deepspeed_config=zero2"]),
-    # the shipped configs' half-precision reference under ZeRO-3 (issue 16 item 1: DeepSpeed's process-wide
-    # memory-efficient linear rounded it twice and moved the step-1 loss by 4e-2)
-    # Step 1 only: step 1 agrees within LOSS_TOL, but step 2 was measured 1.5e-4 apart (0.70088 vs 0.70073),
-    # beyond the float32 rule; the cause (the fp16 reference's rounding on another batch shape, or the slightly
-    # different step-1 update seen through fp16) is not established yet — recorded in the issue's report
-    "dpo-full-fp16ref": ("diffusion-dpo", ["model.reference_dtype=float16", "train.max_steps=1"]),
-    # ZeRO-2, full and LoRA: the same one-process references as dpo-full / dpo-lora (run once, reused)
-    "dpo-full-zero2": ("diffusion-dpo", ["distributed.deepspeed_config=zero2"]),
-    "dpo-lora-zero2": ("diffusion-dpo", ["lora.rank=4", "optim.max_grad_norm=0.1",
-                                         "distributed.deepspeed_config=zero2"]),
+LORA = ["lora.rank=4", "optim.max_grad_norm=0.1"]  # LoRA: |g| ~ 0.2
+# Inversion-DPO: 3 trajectory steps, so grad_steps_per_call = 1 back-propagates 3 times per micro-batch (through
+# Models.backward = engine.backward) and 4 once; no caption dropout (its unconditional branch is the zero embedding)
+IDPO = ["method.num_steps=3", "data.caption_dropout=0"]
+# Inversion-DPO leaves θ = θ_ref by a non-zero LoRA init, or (full) by the half-precision reference: the official
+# bf16 reference. Half-precision UNet outputs on this CPU are bitwise the same per sample whatever the batch shape
+# (measured: 4 vs 2+2 samples, fp16 and bf16; float32 differs by ~1e-6), so D is the same computation on 1 or 2
+# ranks and the comparison measures the distributed training, not the rounding
+IDPO_LORA = [*LORA, *IDPO, "lora.init=gaussian", "method.symmetry_breaking=lora-init"]
+IDPO_FULL = [*IDPO, "model.reference_dtype=bfloat16", "method.symmetry_breaking=reference-dtype"]
+
+# What is trained: name -> (method, overrides), identical in one process and on 2 ranks. Every ZeRO stage of a
+# training compares to the one one-process run of it. "full"/"lora" x the reference's dtype (LoRA has no reference
+# copy: its reference is the base with adapters off, in the policy's precision; SFT has none) x every method
+TRAININGS = {
+    "sft-full": ("sft", []),
+    "sft-lora": ("sft", ["lora.rank=4", "optim.max_grad_norm=0.005"]),  # SFT LoRA: |g| ~ 0.008
+    "dpo-full": ("diffusion-dpo", []),
+    "dpo-full-fp16ref": ("diffusion-dpo", ["model.reference_dtype=float16"]),  # the shipped configs' reference
+    "dpo-lora": ("diffusion-dpo", LORA),
+    "inpo-full": ("inpo", []),
+    "inpo-full-fp16ref": ("inpo", ["model.reference_dtype=float16"]),  # InPO's official fp16 reference
+    "inpo-lora": ("inpo", LORA),
+    "idpo-full-bf16ref-g1": ("inversion-dpo", [*IDPO_FULL, "method.grad_steps_per_call=1"]),
+    "idpo-full-bf16ref-g4": ("inversion-dpo", [*IDPO_FULL, "method.grad_steps_per_call=4"]),
+    "idpo-lora-g1": ("inversion-dpo", [*IDPO_LORA, "method.grad_steps_per_call=1"]),
+    "idpo-lora-g4": ("inversion-dpo", [*IDPO_LORA, "method.grad_steps_per_call=4"]),
 }
-SINGLE_ONLY_PREFIXES = ("distributed.",)
+
+
+def _stage_overrides(stage: str, training: str) -> list[str]:
+    """The distributed settings of a (stage, training) case. ZeRO-2: every rank holds the whole policy (no
+    sharded reference, no inversion copy). ZeRO-3 (setup's preset: every parameter sharded): the replicated
+    reference, InPO full inverting with a float32 copy. Offload (ZeRO-3 + optimizer and parameters on the CPU,
+    every parameter sharded): the sharded reference engine (its parameters offloaded too; an fp16 reference stays
+    replicated, see below), InPO inverting with
+    the sharded policy in lockstep (LoRA InPO does so at every stage 3: it has no copy)."""
+    full = "-full" in training and not training.startswith("sft")
+    if stage == "zero2":
+        return ["distributed.deepspeed_config=zero2"]
+    if stage == "zero3":
+        return ["distributed.inversion_copy=float32"] if full and training.startswith("inpo") else []
+    # (an fp16 reference stays replicated: DeepSpeed's CPU accelerator has no fp16 engine; bf16 is sharded)
+    sharded = full and "fp16ref" not in training
+    return ["distributed.deepspeed_config={offload}", *(["distributed.reference=sharded"] if sharded else [])]
+
+
+STAGES = ("zero2", "zero3", "offload")
+# name -> (training, distributed overrides); each runs on 2 ranks, compared with TRAININGS[training] in one process
+CASES = {f"{t}-{s}": (t, _stage_overrides(s, t)) for t in TRAININGS for s in STAGES}
 
 
 def _metrics(out: Path) -> list[dict]:
@@ -222,30 +258,37 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def setup(tiny_pipelines, pickapic_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
-    preset = root / "zero3_tiny.json"
-    # the zero3 preset, but every parameter sharded (the tiny UNet's are all below the default persistence
-    # threshold, which would keep them whole on every rank and test nothing)
-    cfg = json.loads((Path(__file__).parents[1] / "configs" / "deepspeed" / "zero3.json").read_text())
-    cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    preset.write_text(json.dumps(cfg))
-    return {"root": root, "preset": str(preset), "pipeline": tiny_pipelines["sdxl"], "data": pickapic_dir}
+    presets = {}
+    # the zero3 and zero3_offload presets, but every parameter sharded (the tiny UNet's are all below the default
+    # persistence threshold, which would keep them whole on every rank and test nothing)
+    for name in ("zero3", "zero3_offload"):
+        cfg = json.loads((Path(__file__).parents[1] / "configs" / "deepspeed" / f"{name}.json").read_text())
+        cfg["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+        presets[name] = root / f"{name}_tiny.json"
+        presets[name].write_text(json.dumps(cfg))
+    return {"root": root, "preset": str(presets["zero3"]), "offload": str(presets["zero3_offload"]),
+            "pipeline": tiny_pipelines["sdxl"], "data": pickapic_dir}
+
+
+def _case_overrides(setup, name: str) -> list[str]:
+    training, dist = CASES[name]
+    method, extra = TRAININGS[training]
+    return _ds(setup["pipeline"], setup["data"], setup["root"] / f"ds-{name}", method, setup["preset"], *extra,
+               *(d.format(offload=setup["offload"]) for d in dist))
 
 
 @pytest.fixture(scope="module")
 def ds_results(setup):
     """Every 2-rank case, in one torchrun launch."""
     root, preset, pipe, data = setup["root"], setup["preset"], setup["pipeline"], setup["data"]
-    cases = [{"name": name, "overrides": _ds(pipe, data, root / f"ds-{name}", method, preset, *extra),
-              "runs": [{}]} for name, (method, extra) in CASES.items()]
-    cases.append({"name": "resume", "runs": [{"stop_after": 2}, {"resume": "latest"}],
-                  "overrides": _ds(pipe, data, root / "ds-resume", "diffusion-dpo", preset,
-                                   *CASES["dpo-full"][1])})
-    cases.append({"name": "resume-lora", "runs": [{"stop_after": 2}, {"resume": "latest"}],
-                  "overrides": _ds(pipe, data, root / "ds-resume-lora", "diffusion-dpo", preset,
-                                   *CASES["dpo-lora"][1])})
+    cases = [{"name": name, "overrides": _case_overrides(setup, name), "runs": [{}]} for name in CASES]
+    # stop after step 1, resume for step 2: compared with the straight zero3 runs of the matrix
+    for name, straight in (("resume", "dpo-full-zero3"), ("resume-lora", "dpo-lora-zero3")):
+        cases.append({"name": name, "runs": [{"stop_after": 1}, {"resume": "latest"}],
+                      "overrides": [*_case_overrides(setup, straight), f"train.output_dir={root / f'ds-{name}'}"]})
     cases.append({"name": "gradient-checkpointing", "runs": [{}],
                   "overrides": _ds(pipe, data, root / "ds-gradient-checkpointing", "diffusion-dpo", preset,
-                                   "train.max_steps=2", "model.gradient_checkpointing=true")})
+                                   "model.gradient_checkpointing=true")})
     cases.append({"name": "linear", "kind": "linear",
                   "overrides": _ds(pipe, data, root / "ds-linear", "diffusion-dpo", preset,
                                    "model.reference_dtype=bfloat16", "distributed.reference=sharded")})
@@ -261,7 +304,7 @@ def ds_results(setup):
            # as a module from the repository root: run as a file, tests/ would come first on sys.path and its
            # triton/ folder would shadow the triton package
            "-m", "tests.test_distributed", "--worker", str(spec)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900, cwd=Path(__file__).parents[1])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=Path(__file__).parents[1])
     found = json.loads(results.read_text()) if results.is_file() else {}
     errors = {k: v["error"] for k, v in found.items() if "error" in v}
     if proc.returncode != 0 or errors:
@@ -270,23 +313,40 @@ def ds_results(setup):
     return found | {"_root": root}
 
 
+def _half_reference(training: str) -> bool:
+    return "fp16ref" in training or "bf16ref" in training
+
+
 @pytest.fixture(scope="module")
 def single_results(setup):
-    """The one-process runs with the same global batch (2 pairs per micro-batch)."""
+    """The one-process run of every training, with the same global batch: 2 pairs per micro-batch; with a
+    half-precision reference, the same calls as each rank makes (1 pair per call x 2 accumulation steps, 1 thread
+    as each rank's OMP_NUM_THREADS): see HALF_REFERENCE_* in tests/tolerances.py for why."""
     from fastinpo.config import load_config
     from fastinpo.train import train
 
-    root = setup["root"]
-    out, done = {}, {}
-    for name, (method, extra) in CASES.items():
-        kept = [e for e in extra if not e.startswith(SINGLE_ONLY_PREFIXES)]
-        key = (method, *kept)
-        if key not in done:  # cases that differ only in the distributed settings share one reference run
-            run_dir = root / f"single-{name}"
-            train(load_config(None, _single(setup["pipeline"], setup["data"], run_dir, method, *kept)))
-            done[key] = run_dir
-        out[name] = done[key]
+    out = {}
+    for training, (method, extra) in TRAININGS.items():
+        out[training] = setup["root"] / f"single-{training}"
+        if _half_reference(training):
+            threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+            try:
+                train(load_config(None, _base(setup["pipeline"], setup["data"], out[training], method,
+                                              f"train.pairs_per_batch={PAIRS_PER_RANK}", f"train.grad_accum={WORLD}",
+                                              *extra)))
+            finally:
+                torch.set_num_threads(threads)
+        else:
+            train(load_config(None, _single(setup["pipeline"], setup["data"], out[training], method, *extra)))
     return out
+
+
+def _exported(run: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    lora = run / "export" / "lora" / "pytorch_lora_weights.safetensors"
+    return load_file(lora if lora.is_file() else run / "export" / "unet" / "diffusion_pytorch_model.safetensors")
 
 
 # ----------------------------------------------------------------------------------------------- tests
@@ -329,26 +389,60 @@ def test_config_is_filled_from_the_trainer_config(setup):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process(case, ds_results, single_results):
-    """ZeRO-3 on 2 ranks x 1 pair == one process x 2 pairs, step by step (clipping active: |g| > max norm)."""
-    ds = _metrics(ds_results["_root"] / f"ds-{case}")
-    one = _metrics(single_results[case])
-    assert [r["step"] for r in ds] == [r["step"] for r in one] == list(range(1, len(one) + 1))
+    """2 ranks x 1 pair == one process x 2 pairs, step by step (clipping active: |g| > max norm), and the
+    exported weights. Measured differences are printed (``-s``)."""
+    training, _ = CASES[case]
+    method, extra = TRAININGS[training]
+    run = ds_results["_root"] / f"ds-{case}"
+    ds, one = _metrics(run), _metrics(single_results[training])
+    assert [r["step"] for r in ds] == [r["step"] for r in one] == list(range(1, STEPS + 1))
+    idpo = training.startswith("idpo")
+    # InPO's half-precision reference evaluates latents the policy inverted: after step 1 the policy's float32
+    # weight noise reaches it through fp16 roundings (tests/tolerances.py: HALF_REFERENCE_*)
+    policy_fed_half_reference = training.startswith("inpo") and _half_reference(training)
     for a, b in zip(ds, one, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOL), (case, a["step"])
-        if not case.startswith("idpo"):  # its gradient (~5e-4) is a near-cancelling difference: float32 noise
-            # ~1e-3 rel. (measured 1.5e-3 on ZeRO-2 and ZeRO-3 alike; the ZeRO-2 bug was 15%: 0.0172 vs 0.0201)
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4), (case, a["step"])
-    if case.startswith("idpo"):
-        # ZeRO-2 and ZeRO-3 run the same training on the same ranks: their gradients agree far more closely
-        # than either does with one process (another batch shape); the ZeRO-2 bug lost ~15% of the gradient
-        other = "idpo-lora-zero2" if case == "idpo-lora" else "idpo-lora"
-        for a, b in zip(ds, _metrics(ds_results["_root"] / f"ds-{other}"), strict=True):
-            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (case, a["step"])
-    else:
-        max_norm = 0.1 if "lora" in case else 1.0
-        assert one[0]["grad_norm"] > max_norm  # clipping took part in the comparison
-    stage = 2 if "zero2" in case else 3
-    assert ds_results[case]["summary"]["zero_stage"] == stage and ds_results[case]["summary"]["world_size"] == 2
+        tol = half_reference_loss_tol(BETA) if policy_fed_half_reference and a["step"] > 1 else LOSS_TOL
+        assert a["loss"] == pytest.approx(b["loss"], abs=tol), (case, a["step"], a["loss"], b["loss"])
+        # Inversion-DPO's gradient is a near-cancelling difference of two per-sample terms (norm ~1e-3): float32
+        # noise is ~1e-3 of it (measured up to 1.5e-3); the others' are plain sums of per-pair terms
+        grad_tol = IDPO_GRAD_NORM_RTOL if idpo else GRAD_NORM_RTOL
+        if policy_fed_half_reference and a["step"] > 1:
+            # the shifted logit changes each pair's gradient weight σ'·β/2 by about the loss's shift (logit ~ 0)
+            grad_tol = half_reference_loss_tol(BETA)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=grad_tol), (
+            case, a["step"], a["grad_norm"], b["grad_norm"])
+    if not idpo:  # clipping took part in the comparison
+        max_norm = float([e for e in _base("p", "d", "o", method, *extra) if e.startswith("optim.max_grad_norm=")][-1]
+                         .split("=")[1])
+        assert one[0]["grad_norm"] > max_norm, (case, one[0]["grad_norm"])
+    error = distributed_weight_error(_exported(run), _exported(single_results[training]))
+    loss_diff = max(abs(a["loss"] - b["loss"]) for a, b in zip(ds, one, strict=True))
+    print(f"{case}: max |loss diff| {loss_diff:.2e}, max |weight diff| {error:.2e}")
+    # Inversion-DPO: Adam passes its gradient's relative float32 noise (~1e-3, above) into the update (measured
+    # 2.1e-6); the bound of runs with noisy gradients, a tenth of lr, still catches a lost or misweighted part of
+    # the gradient (issue 16's ZeRO-2 bug moved weights by 1.95e-5)
+    loose = policy_fed_half_reference or idpo and "lora" in training
+    assert error <= (HALF_REFERENCE_WEIGHT_TOL if loose else DISTRIBUTED_WEIGHT_TOL), (case, error)
+    stage = CASES[case][1]
+    ds_config = json.loads((run / "deepspeed_config.json").read_text())
+    offloaded = "offload" in case
+    assert (ds_results[case]["summary"]["zero_stage"], ds_results[case]["summary"]["world_size"]) == (
+        2 if case.endswith("zero2") else 3, 2), stage
+    for key in ("offload_optimizer", "offload_param"):
+        assert (ds_config["zero_optimization"].get(key, {}).get("device") == "cpu") is offloaded, (case, key)
+    if ds_config["zero_optimization"]["stage"] == 3:
+        assert ds_config["zero_optimization"]["stage3_param_persistence_threshold"] == 0  # every parameter sharded
+
+
+@pytest.mark.parametrize("training", [t for t in TRAININGS if t.startswith("idpo")])
+def test_inversion_dpo_gradient_is_the_same_at_every_stage(training, ds_results):
+    """The same ranks, the same per-rank work: ZeRO-2, ZeRO-3 and offload reduce the same gradient, far closer
+    than to one process (another batch shape); issue 16 item 2's ZeRO-2 bug lost ~15% of it (0.0172 vs 0.0201)."""
+    runs = {s: _metrics(ds_results["_root"] / f"ds-{training}-{s}") for s in STAGES}
+    for stage in ("zero2", "offload"):
+        for a, b in zip(runs[stage], runs["zero3"], strict=True):
+            # rel 1e-3: after step 1 the weights carry float32 noise, which this gradient sees at ~1e-3 (above)
+            assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-3), (training, stage, a["step"])
 
 
 def test_frozen_half_precision_modules_use_torch_linear(ds_results):
@@ -388,19 +482,19 @@ def test_deepspeed_memory_efficient_linear_is_undone():
 
 @pytest.mark.parametrize("kind", ["full", "lora"])
 def test_resume_on_two_ranks_is_exact(kind, ds_results):
-    """Stop after 2 steps, resume for the 3rd: the same losses and weights as 3 steps straight, bit for bit. LoRA
+    """Stop after 1 step, resume for the 2nd: the same losses and weights as 2 steps straight, bit for bit. LoRA
     checkpoints leave the frozen base weights out (they come from model.path)."""
     from safetensors.torch import load_file
 
     root = ds_results["_root"]
-    straight_dir, resumed_dir = (root / "ds-dpo-full", root / "ds-resume") if kind == "full" else (
-        root / "ds-dpo-lora", root / "ds-resume-lora")
+    straight_dir, resumed_dir = (root / "ds-dpo-full-zero3", root / "ds-resume") if kind == "full" else (
+        root / "ds-dpo-lora-zero3", root / "ds-resume-lora")
     assert [r["loss"] for r in _metrics(straight_dir)] == [r["loss"] for r in _metrics(resumed_dir)]
     weights = "unet/diffusion_pytorch_model.safetensors" if kind == "full" else "lora/pytorch_lora_weights.safetensors"
     a, b = load_file(straight_dir / "export" / weights), load_file(resumed_dir / "export" / weights)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     steps = sorted(p.name for p in (resumed_dir / "checkpoints").iterdir())
-    assert steps == ["step-00000002", "step-00000003"]  # complete checkpoints only, no temporary folders
+    assert steps == ["step-00000001", "step-00000002"]  # complete checkpoints only, no temporary folders
 
 
 def test_exported_unet_loads_and_matches_the_gathered_weights(ds_results, single_results):
@@ -409,29 +503,28 @@ def test_exported_unet_loads_and_matches_the_gathered_weights(ds_results, single
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
     from diffusers import UNet2DConditionModel
 
-    run = ds_results["_root"] / "ds-dpo-full"
+    run = ds_results["_root"] / "ds-dpo-full-zero3"
     exported = UNet2DConditionModel.from_pretrained(run / "export" / "unet").state_dict()
-    ckpt_dir = run / "checkpoints" / "step-00000003"
+    ckpt_dir = run / "checkpoints" / f"step-{STEPS:08d}"
     assert json.loads((ckpt_dir / "state.json").read_text())["world_size"] == 2
     gathered = get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag="ds")
     assert set(gathered) <= set(exported)
     for k, v in gathered.items():
         assert torch.equal(exported[k], v), k
     single = UNet2DConditionModel.from_pretrained(single_results["dpo-full"] / "export" / "unet").state_dict()
-    for k in single:
-        torch.testing.assert_close(exported[k], single[k], rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
+    assert single.keys() == exported.keys()
+    assert distributed_weight_error(exported, single) <= DISTRIBUTED_WEIGHT_TOL
 
 
 def test_exported_lora_loads_into_a_stock_pipeline(ds_results, single_results, setup):
     from diffusers import StableDiffusionXLPipeline
     from safetensors.torch import load_file
 
-    lora = ds_results["_root"] / "ds-dpo-lora" / "export" / "lora"
+    lora = ds_results["_root"] / "ds-dpo-lora-zero3" / "export" / "lora"
     a = load_file(lora / "pytorch_lora_weights.safetensors")
     b = load_file(single_results["dpo-lora"] / "export" / "lora" / "pytorch_lora_weights.safetensors")
     assert a.keys() == b.keys() and a
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=WEIGHT_TOL, atol=WEIGHT_TOL)
+    assert distributed_weight_error(a, b) <= DISTRIBUTED_WEIGHT_TOL
     pipe = StableDiffusionXLPipeline.from_pretrained(setup["pipeline"])
     pipe.load_lora_weights(lora)
     assert any("lora" in n for n, _ in pipe.unet.named_parameters())
@@ -452,7 +545,7 @@ def test_inversion_copy_matches_the_sharded_policy(ds_results):
 def test_gradient_checkpointing_with_zero3(ds_results, single_results):
     """Recomputing activations under ZeRO-3 (parameters re-gathered in backward) changes nothing."""
     gc = _metrics(ds_results["_root"] / "ds-gradient-checkpointing")
-    one = _metrics(single_results["dpo-full"])[:2]
+    one = _metrics(single_results["dpo-full"])
     for a, b in zip(gc, one, strict=True):
         assert a["loss"] == pytest.approx(b["loss"], abs=LOSS_TOL)
 
