@@ -110,7 +110,7 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f("adamw", "AdamW, Adafactor (SDXL official) or 8-bit AdamW")
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f("adamw", "AdamW, Adafactor (SDXL official; conv kernels factored as 2-D: docs/MEMORY.md) or 8-bit AdamW")
     lr: float = _f(1e-8, "learning rate (before scale_lr)")
     scale_lr: bool = _f(True, "multiply lr by pairs per optimizer step (official InPO / Diffusion-DPO)")
     weight_decay: float = _f(0.0, "AdamW weight decay")

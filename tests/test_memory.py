@@ -125,3 +125,70 @@ def test_lora_trained_on_a_half_precision_base_exports_for_a_stock_pipeline(tiny
     assert {p.dtype for p in pipe.unet.parameters()} == {torch.float32}
     assert (expected - base).abs().max() > 1e-3  # the adapter changes the output: the check can fail
     assert_close_model_output(stock, expected)
+
+
+# ------------------------------------------------------------------------------------ Adafactor (issue 15 item 4)
+def _adafactor_runs(params_a, params_b, steps=3, seed=0):
+    from transformers.optimization import Adafactor
+
+    from fastinpo.train.models import conv_factored_adafactor
+
+    ours = conv_factored_adafactor(params_a, lr=1e-2, weight_decay=0.01)
+    stock = Adafactor(params_b, lr=1e-2, scale_parameter=False, relative_step=False, warmup_init=False,
+                      weight_decay=0.01)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for a, b in zip(params_a, params_b, strict=True):
+            grad = torch.randn(a.shape, generator=g)
+            a.grad, b.grad = grad.clone(), grad.reshape(b.shape).clone()
+        ours.step()
+        stock.step()
+    return ours, stock
+
+
+def test_conv_factored_adafactor_is_transformers_adafactor_on_1d_and_2d_params():
+    g = torch.Generator().manual_seed(1)
+    init = [torch.randn(12, 5, generator=g), torch.randn(7, generator=g)]
+    ours_p = [torch.nn.Parameter(t.clone()) for t in init]
+    stock_p = [torch.nn.Parameter(t.clone()) for t in init]
+    _adafactor_runs(ours_p, stock_p)
+    for a, b, t in zip(ours_p, stock_p, init, strict=True):
+        assert not torch.equal(a, t)  # it moved: the comparison can fail
+        assert torch.equal(a, b)  # the same code on the same tensors: bit-identical
+
+
+def test_conv_factored_adafactor_factors_a_kernel_as_its_2d_matrix():
+    g = torch.Generator().manual_seed(2)
+    kernel = torch.randn(16, 8, 3, 3, generator=g)
+    ours_p = [torch.nn.Parameter(kernel.clone())]
+    stock_p = [torch.nn.Parameter(kernel.reshape(16, 72).clone())]  # transformers' Adafactor on the 2-D matrix
+    ours, _ = _adafactor_runs(ours_p, stock_p)
+    assert ours_p[0].shape == (16, 8, 3, 3) and ours_p[0].grad.shape == (16, 8, 3, 3)
+    assert not torch.equal(ours_p[0], kernel)
+    assert torch.equal(ours_p[0].reshape(16, 72), stock_p[0])
+    state = ours.state[ours_p[0]]
+    assert state["exp_avg_sq_row"].shape == (16,) and state["exp_avg_sq_col"].shape == (72,)
+
+
+def test_adafactor_state_of_the_real_sd15_unet_on_meta():
+    """The real SD1.5 UNet (meta device: shapes only, no memory): transformers' Adafactor keeps 1.83 GB of
+    second moments (its 4-D conv kernels, factored over their last two dimensions only); factored as 2-D
+    matrices they take 6 MB."""
+    from transformers.optimization import Adafactor
+
+    from fastinpo.models.full_size import build_unet
+    from fastinpo.train.models import conv_factored_adafactor
+
+    def state_bytes(make):
+        params = list(build_unet("sd15", device="meta").parameters())
+        for p in params:
+            p.grad = torch.zeros_like(p)
+        opt = make(params)
+        opt.step()
+        return sum(v.numel() * v.element_size() for s in opt.state.values() for v in s.values() if torch.is_tensor(v))
+
+    stock = state_bytes(lambda ps: Adafactor(ps, lr=1e-8, scale_parameter=False, relative_step=False,
+                                             warmup_init=False))
+    ours = state_bytes(lambda ps: conv_factored_adafactor(ps, lr=1e-8, weight_decay=0.0))
+    assert 1.82e9 < stock < 1.84e9, stock
+    assert ours < 0.01e9, ours
