@@ -23,6 +23,7 @@ import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -69,12 +70,28 @@ def measure_one(pipeline: str, method: str, mode: str, precision: str, base_dtyp
         over += ["method.inversion_levels=10"]
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    # peak RSS counts the pages of the mmap'd safetensors files read while loading (clean page cache the kernel
+    # can drop); the peak of anonymous memory (sampled every 20 ms) is what the run itself allocated
+    peak_anon = [0]
+    stop = threading.Event()
+
+    def sample():
+        while not stop.wait(0.02):
+            for line in Path("/proc/self/status").read_text().splitlines():
+                if line.startswith("RssAnon:"):
+                    peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 on a CPU warns that it is slow: measured on purpose
         train(load_config(None, over))
+    stop.set()
+    sampler.join()
     row = {"seconds": round(time.perf_counter() - start, 1),
-           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # Linux: KiB
+           "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
+           "peak_anon_gib": peak_anon[0] / 2**20}
     if device == "cuda":
         row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -130,9 +147,9 @@ def main(argv=None) -> int:
 
     folders = dict(item.split("=", 1) for item in args.pipeline)
     needs = dict(item.split("=", 1) for item in args.need_gib)
-    print("| model | method | mode | precision | frozen base | peak RSS (GiB) | time (s) |"
+    print("| model | method | mode | precision | frozen base | peak RSS (GiB) | peak anon (GiB) | time (s) |"
           + (" CUDA max allocated (GiB) |" if args.device == "cuda" else ""))
-    print("|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
+    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
     for text in args.cases:
         case = parse_case(text)
         need = float(needs.get(f"{case['arch']}:{case['mode']}", 0))
@@ -156,7 +173,8 @@ def main(argv=None) -> int:
         base = "-" if case["mode"] == "full" else case["base_dtype"]
         cuda = f" {row['cuda_max_allocated_gib']:.2f} |" if "cuda_max_allocated_gib" in row else ""
         print(f"| {case['arch']} | {case['method']} | {case['mode']} | {case['precision']} | {base} | "
-              f"{row['peak_rss_gib']:.2f} | {row['seconds']} |{cuda}", flush=True)
+              f"{row['peak_rss_gib']:.2f} | {row.get('peak_anon_gib', float('nan')):.2f} | {row['seconds']} |{cuda}",
+              flush=True)
         if args.json_out:
             with open(args.json_out, "a") as f:
                 f.write(json.dumps({**row, **case, "resolution": args.resolution, "device": args.device}) + "\n")
