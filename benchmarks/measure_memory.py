@@ -2,12 +2,12 @@
 
 Every measurement is one fresh process (``one``) running ``fastinpo.train.train`` for one optimizer step of one pair
 at a reduced resolution, with gradient checkpointing as the shipped configs use it, on a real-size pipeline with
-random weights (``fastinpo make-tiny-pipeline --size full``) and synthetic Pick-a-Pic pairs encoded on the fly
+random weights (``fastinpo make-tiny-pipeline --size full``) and synthetic Pick-a-Pic pairs
 cached first by ``fastinpo cache`` (so, as in the shipped configs' ``data.cache_dir`` runs, no VAE or text
 encoder is loaded during training). It reports the process's peak RSS
 (``resource.getrusage``: CPU) and, on CUDA, ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``.
 ``table`` runs the listed cases one after another (never two at once: each can take many GiB) and prints a
-Markdown table; ``--skip-if-available-below`` skips a case when the machine's available memory is below the
+Markdown table; ``--need-gib`` skips a case when the machine's available memory is below the
 case's stated need plus a margin, instead of crashing a shared machine.
 
     python benchmarks/measure_memory.py table --pipeline sd15=/tmp/sd15 --pipeline sdxl=/tmp/sdxl \\
