@@ -40,6 +40,8 @@ class ModelConfig:
     unet_init: str | None = _f(None, "diffusers unet/ folder both policy and reference start from (InPO SD1.5: SFT UNet)")
     reference_dtype: Literal["float32", "float16", "bfloat16"] = _f(
         "float32", "dtype of the frozen reference UNet (official: fp16 for InPO, bf16 for Inversion-DPO)")
+    base_dtype: Literal["auto", "float32", "bfloat16", "float16"] = _f(
+        "auto", "LoRA: dtype of the frozen base denoiser weights (adapters stay float32; auto: train.mixed_precision's dtype on CUDA, float32 on a CPU, whose half-precision kernels are slow and where tests stay exact)")
     encoder_dtype: Literal["float32", "float16", "bfloat16"] = _f("float32", "dtype of the VAE and text encoders")
     gradient_checkpointing: bool = _f(False, "recompute UNet activations in backward (less memory, ~30% slower)")
     attention: Literal["sdpa", "xformers"] = _f("sdpa", "attention kernel (xformers only with CUDA and installed)")
@@ -108,7 +110,7 @@ class LoraConfig:
 
 @dataclass
 class OptimConfig:
-    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f("adamw", "AdamW, Adafactor (SDXL official) or 8-bit AdamW")
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = _f("adamw", "AdamW, Adafactor (SDXL official; conv kernels factored as 2-D: docs/MEMORY.md) or 8-bit AdamW")
     lr: float = _f(1e-8, "learning rate (before scale_lr)")
     scale_lr: bool = _f(True, "multiply lr by pairs per optimizer step (official InPO / Diffusion-DPO)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
@@ -215,6 +217,7 @@ class Config:
         if dist.inversion_copy != "none" and self.method.name != "inpo":
             problems.append(f"distributed.inversion_copy is for InPO (it inverts with the policy); method.name = "
                             f"{self.method.name!r}")
+        problems += base_dtype_problems(self)
         if self.method.trajectory_cache_dir:
             problems += trajectory_cache_problems(self)
         problems += validation_problems(self)
@@ -224,6 +227,31 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def base_dtype_problems(config: Config) -> list[str]:
+    """Why ``model.base_dtype`` cannot apply to this config (empty: it can). A half-precision base is a frozen
+    LoRA base evaluated under the autocast of the same dtype: full fine-tuning trains the base (its weights stay
+    float32, mixed precision is autocast), and without autocast (or under the other half dtype) float32
+    activations would meet half-precision weights."""
+    base, amp = config.model.base_dtype, config.train.mixed_precision
+    if base == "auto":
+        return []
+    if config.distributed.backend != "none":
+        return ["model.base_dtype with distributed.backend = 'deepspeed': DeepSpeed holds the whole module in "
+                "train.mixed_precision's dtype itself (float32 master weights of the trainable ones); leave "
+                "model.base_dtype = 'auto'"]
+    if base == "float32":
+        return []
+    if config.lora.rank == 0:
+        return [f"model.base_dtype = {base!r} is for LoRA (the frozen base); full fine-tuning trains the base, "
+                "whose weights stay float32 (mixed precision is train.mixed_precision's autocast): leave it 'auto'"]
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}[base]
+    problems = []
+    if amp != wanted:
+        problems.append(f"model.base_dtype = {base!r} needs train.mixed_precision = {wanted!r} (the base is "
+                        f"evaluated under that autocast); it is {amp!r}")
+    return problems
 
 
 def validation_problems(config: Config) -> list[str]:

@@ -32,7 +32,7 @@ from fastinpo.train import checkpoint as ckpt
 from fastinpo.train import run_folder
 from fastinpo.train.data_source import PairStream
 from fastinpo.train.engine import Engine
-from fastinpo.train.models import DTYPES
+from fastinpo.train.models import DTYPES, base_weight_dtype
 from fastinpo.train.preference_validation import PreferenceValidator
 from fastinpo.train.validation import ValidationGrids
 
@@ -259,8 +259,10 @@ def _start(config: Config, out_dir: Path, engine: Engine, *, resume: str | None,
     use_cache = bool(config.data.cache_dir)
     family = family_for_folder(config.model.path)
     encode = not use_cache or bool(config.data.validation_path)  # a validation source is encoded when read
+    # a half-precision LoRA base loads in its dtype: a float32 load first would double the base's peak memory
     components = family.load_components(config.model.path, load_vae=encode, load_text=encode,
-                                        dtype=DTYPES[config.model.encoder_dtype])
+                                        dtype=DTYPES[config.model.encoder_dtype],
+                                        unet_dtype=base_weight_dtype(config, device))
     schedule = family.build_schedule(components.scheduler_config)
     method = build_method(config.method, schedule)
     encoder = None if not encode else family.make_encoder(components, device, vae_slicing=config.data.vae_slicing,

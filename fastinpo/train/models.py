@@ -48,27 +48,40 @@ class TrainingModels:
                 target[name].copy_(p)
 
 
+def base_weight_dtype(config: Config, device: torch.device) -> torch.dtype:
+    """The dtype of the policy's base weights (``model.base_dtype``): float32 for full fine-tuning (the base is
+    trained; mixed precision is autocast); with LoRA the frozen base in ``model.base_dtype``, whose "auto" is
+    ``train.mixed_precision``'s dtype on CUDA and float32 on a CPU."""
+    if config.lora.rank == 0:
+        return torch.float32
+    name = config.model.base_dtype
+    if name == "auto":
+        amp = DTYPES[config.train.mixed_precision]
+        return amp if (amp is not None and device.type == "cuda") else torch.float32
+    return DTYPES[name]
+
+
 def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = True):
-    """The policy UNet before any reference copy or distribution: ``model.unet_init``, the float32 check, the
-    attention kernel, LoRA adapters (frozen base) or full ``requires_grad``. Returns ``(unet, lora)``. ``move``
-    puts it on ``device``; DeepSpeed leaves it on the CPU so that ZeRO-3 moves and shards it one parameter at a
-    time instead of materialising a full copy on every GPU first. The denoiser is a UNet or an SD3 transformer
-    (its family gives the class ``model.unet_init`` loads and the LoRA targets)."""
+    """The policy UNet before any reference copy or distribution: ``model.unet_init``, the dtype check, the
+    attention kernel, LoRA adapters (float32, on a frozen base in :func:`base_weight_dtype`) or full
+    ``requires_grad``. Returns ``(unet, lora)``. ``move`` puts it on ``device`` (after the base is cast: the
+    device never holds a float32 copy of a half-precision base); DeepSpeed leaves it on the CPU so that ZeRO-3
+    moves and shards it one parameter at a time instead of materialising a full copy on every GPU first. The
+    denoiser is a UNet or an SD3 transformer (its family gives the class ``model.unet_init`` loads and the LoRA
+    targets)."""
     family = family_of_denoiser(unet)
     problems = symmetry_breaking_problems(config)  # train() checks it before anything loads; also here, at its use
     if problems:
         raise ValueError(problems[0])
-    if config.model.unet_init:
-        unet = family.denoiser_class().from_pretrained(config.model.unet_init, torch_dtype=torch.float32)
-    if next(unet.parameters()).dtype != torch.float32:
-        raise ValueError("the policy denoiser must be loaded in float32 (mixed precision is train.mixed_precision)")
-    if move:
-        unet = unet.to(device)
-    if config.model.attention == "xformers":
-        if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
-            raise ValueError("model.attention = 'xformers' needs CUDA and the xformers package; use 'sdpa'")
-        unet.enable_xformers_memory_efficient_attention()
     lora = config.lora.rank > 0
+    base_dtype = base_weight_dtype(config, device)
+    if config.model.unet_init:
+        unet = family.denoiser_class().from_pretrained(config.model.unet_init, torch_dtype=base_dtype)
+    loaded = next(unet.parameters()).dtype
+    if loaded not in (torch.float32, base_dtype):
+        raise ValueError(f"the policy denoiser must be loaded in float32 or the LoRA base dtype ({base_dtype}); got "
+                         f"{loaded} (mixed precision is train.mixed_precision, a half-precision frozen LoRA base "
+                         "model.base_dtype)")
     if lora:
         unet.requires_grad_(False)
         from peft import LoraConfig
@@ -81,6 +94,7 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
             unet.add_adapter(LoraConfig(r=config.lora.rank, lora_alpha=config.lora.alpha or config.lora.rank,
                                         init_lora_weights=True,
                                         target_modules=family.lora_targets(config.lora.target_modules, unet)))
+        _cast_lora_base(unet, base_dtype)
         if config.lora.init == "gaussian":
             # peft's own "gaussian" init still zeroes B (a zero update); SPEC §4's symmetry breaking needs a
             # non-zero adapter product, so B gets small random values too, from the run's seed.
@@ -91,7 +105,27 @@ def prepare_policy(config: Config, unet, device: torch.device, *, move: bool = T
                         p.copy_(1e-3 * torch.randn(p.shape, generator=g))
     else:
         unet.requires_grad_(True)
+    if move:
+        unet = unet.to(device)
+    if config.model.attention == "xformers":
+        if device.type != "cuda" or importlib.util.find_spec("xformers") is None:
+            raise ValueError("model.attention = 'xformers' needs CUDA and the xformers package; use 'sdpa'")
+        unet.enable_xformers_memory_efficient_attention()
     return unet, lora
+
+
+def _cast_lora_base(unet, base_dtype: torch.dtype) -> None:
+    """The frozen base in ``base_dtype``, the trainable adapters in float32 (their gradients, optimizer state and
+    GradScaler unscaling want float32). peft creates adapters in the dtype of the layer they wrap, so on a base
+    loaded in half precision the initial lora_A values are the float32 init rounded to it: they are rounded on a
+    float32-loaded base too, so that a seed gives the same adapters however the base was loaded."""
+    with torch.no_grad():  # tensor by tensor (a module .to(dtype) makes diffusers warn about keep-in-fp32 modules)
+        for p in unet.parameters():
+            p.data = p.data.to(base_dtype).float() if p.requires_grad else p.data.to(base_dtype)
+        for module in unet.modules():
+            for name, b in module.named_buffers(recurse=False):
+                if b.is_floating_point():
+                    setattr(module, name, b.to(base_dtype))
 
 
 def make_inversion_copy(unet, dtype: torch.dtype):
@@ -170,7 +204,12 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
     # SFT trains without a reference; its preference validation (DPO metrics against it) needs one
     if not lora and (config.method.name != "sft" or config.train.validate_every > 0):
         ref_dtype = DTYPES[config.model.reference_dtype]
-        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
+        # in the policy's train mode, not eval(): on the CPU under fp16 autocast an eval-mode copy's activations
+        # reach down_blocks.1.resnets.0.conv_shortcut of the tiny SD1.5 channels-last where the policy's are
+        # contiguous, the fp16 convolution rounds per layout (3.8e-6), and beta = 5000 turned that into a step-1
+        # loss of 0.7059 instead of ln 2 (tests/test_precision.py). The SD UNets have no batch norm and dropout 0,
+        # so the mode changes no value otherwise.
+        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).train()
     inversion_unet = None
     if config.method.inversion_copy != "none":
         inversion_unet = make_inversion_copy(unet, DTYPES[config.method.inversion_copy])
@@ -194,10 +233,7 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
         return torch.optim.AdamW(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay,
                                  fused=device.type in ("cuda", "cpu"))
     if o.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
-
-        return Adafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
-                         weight_decay=o.weight_decay)
+        return conv_factored_adafactor(params, lr=lr, weight_decay=o.weight_decay)
     if o.optimizer == "adamw8bit":
         if importlib.util.find_spec("bitsandbytes") is None:
             raise ValueError("optim.optimizer = 'adamw8bit' needs the bitsandbytes package (pip install bitsandbytes)")
@@ -205,6 +241,35 @@ def build_optimizer(config: Config, params: list[torch.nn.Parameter], device: to
 
         return bnb.optim.AdamW8bit(params, lr=lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     raise ValueError(f"unknown optimizer {o.optimizer!r}")
+
+
+def conv_factored_adafactor(params, *, lr: float, weight_decay: float):
+    """transformers' Adafactor (fixed lr, no parameter scaling: the official setting) with the second moment of
+    convolution kernels factored over ``(out_channels, in_channels * kh * kw)``. transformers factors every tensor
+    of 2+ dimensions over its last two, which for a ``(out, in, kh, kw)`` kernel keeps ``out * in * kh`` values
+    per factor: 2/3 of an unfactored moment for a 3x3 kernel and twice one for a 1x1 kernel (SD1.5: 1.83 of its
+    1.83 GB of state, SDXL: 0.96 of 0.98 GB). Viewed as the 2-D matrix a convolution multiplies by, the kernel's
+    moment is 4 * (out + in * kh * kw) bytes (SD1.5: 6 MB in all; docs/MEMORY.md). 1-D and 2-D parameters are
+    updated exactly as by transformers' Adafactor (tests/test_memory.py)."""
+    from transformers.optimization import Adafactor
+
+    class ConvFactoredAdafactor(Adafactor):
+        @torch.no_grad()
+        def step(self, closure=None):
+            # each conv kernel (and its gradient) seen as (out, in * kh * kw) during transformers' step: its
+            # state is created and kept in that shape; the parameter is the same storage, put back afterwards
+            kernels = [p for group in self.param_groups for p in group["params"] if p.dim() > 2 and p.grad is not None]
+            shapes = [p.shape for p in kernels]
+            for p in kernels:
+                p.data, p.grad = p.data.view(p.shape[0], -1), p.grad.view(p.shape[0], -1)
+            try:
+                return super().step(closure)
+            finally:
+                for p, shape in zip(kernels, shapes, strict=True):
+                    p.data, p.grad = p.data.view(shape), p.grad.view(shape)
+
+    return ConvFactoredAdafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
+                                 weight_decay=weight_decay)
 
 
 def build_lr_scheduler(config: Config, optimizer):

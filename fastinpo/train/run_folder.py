@@ -112,8 +112,15 @@ def start_report(config: Config, *, device, label: str, stream, pairs_per_step: 
     """The lines a start prints (rank 0), and the warnings it raises."""
     t, o = config.train, config.optim
     precision = {"no": "float32", "fp16": "fp16 autocast", "bf16": "bf16 autocast"}[t.mixed_precision]
-    lines = [f"device {device}{label}; policy {precision} (weights float32), reference {config.model.reference_dtype}"
-             f"{'' if config.lora.rank == 0 else f', LoRA rank {config.lora.rank}'}"]
+    if config.lora.rank == 0:
+        weights, reference = "weights float32", f"reference {config.model.reference_dtype}"
+    else:
+        from fastinpo.train.models import base_weight_dtype
+
+        base = str(base_weight_dtype(config, device)).removeprefix("torch.")
+        weights = f"frozen base {base} (model.base_dtype = {config.model.base_dtype!r}), adapters float32"
+        reference = f"reference the base, LoRA rank {config.lora.rank}"
+    lines = [f"device {device}{label}; policy {precision} ({weights}), {reference}"]
     if t.mixed_precision == "fp16" and device.type == "cpu":
         warnings.warn("train.mixed_precision = 'fp16' on a CPU runs 10-25x slower than float32 (CPUs have no fast "
                       "fp16 kernels): use train.mixed_precision = 'no' (or 'bf16') on a CPU", stacklevel=3)

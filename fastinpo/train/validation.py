@@ -3,6 +3,7 @@ and seeds every time, one PNG per ``train.sample_every`` steps (rows: prompts, c
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -28,7 +29,11 @@ class ValidationGrids:
         was_training = unet.training
         unet.eval()
         try:
-            with torch.no_grad():
+            # a half-precision frozen LoRA base (model.base_dtype) beside float32 adapters and encoders: sampled
+            # under the autocast of the base's dtype, as training evaluates it
+            base = unet.dtype
+            amp = torch.autocast(self.device.type, dtype=base) if base != torch.float32 else nullcontext()
+            with torch.no_grad(), amp:
                 R = self.config.data.resolution
                 prompts = [p for p in self.prompts for _ in SEEDS]
                 images = generate(self.pipe, prompts, list(SEEDS) * len(self.prompts), steps=20,
