@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from fastinpo.config import load_config
-from fastinpo.train.models import base_weight_dtype, prepare_policy
+from fastinpo.train.models import base_weight_dtype, conv_factored_adafactor, prepare_policy
 from tests.tolerances import assert_close_model_output
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # base_weight_dtype only reads the device type
@@ -192,3 +192,22 @@ def test_adafactor_state_of_the_real_sd15_unet_on_meta():
     ours = state_bytes(lambda ps: conv_factored_adafactor(ps, lr=1e-8, weight_decay=0.0))
     assert 1.82e9 < stock < 1.84e9, stock
     assert ours < 0.01e9, ours
+
+
+def test_an_adafactor_checkpoint_of_transformers_factoring_is_refused_with_the_way_forward():
+    """A resume of an Adafactor checkpoint written before conv factoring (transformers' (out, in, kh) x (out, in, kw)
+    moments) is refused at load, not at the first step with a KeyError; the optimizer's own state loads."""
+    from transformers.optimization import Adafactor
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(4, 6, 3)
+    conv(torch.randn(1, 4, 8, 8)).square().mean().backward()
+    old = Adafactor(conv.parameters(), lr=1e-3, scale_parameter=False, relative_step=False, warmup_init=False)
+    old.step()
+    new = conv_factored_adafactor(conv.parameters(), lr=1e-3, weight_decay=0.0)
+    with pytest.raises(ValueError, match="cannot be converted exactly"):
+        new.load_state_dict(old.state_dict())
+    mine = conv_factored_adafactor(conv.parameters(), lr=1e-3, weight_decay=0.0)
+    mine.step()
+    assert mine.state[conv.weight]["exp_avg_sq_row"].shape == (6,)
+    new.load_state_dict(mine.state_dict())

@@ -58,7 +58,14 @@ from fastinpo.methods.base import Models
 from fastinpo.models.export import export_policy
 from fastinpo.train import checkpoint as ckpt
 from fastinpo.train.engine import Engine
-from fastinpo.train.models import DTYPES, _unet_forward, build_lr_scheduler, make_inversion_copy, prepare_policy
+from fastinpo.train.models import (
+    DTYPES,
+    _unet_forward,
+    build_lr_scheduler,
+    make_inversion_copy,
+    make_reference_copy,
+    prepare_policy,
+)
 
 PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "deepspeed"
 PRESETS = ("zero2", "zero3", "zero3_offload")
@@ -384,7 +391,7 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
     reference_unet = reference_engine = None
     # SFT trains without a reference; its preference validation (DPO metrics against it) needs one
     if not lora and (config.method.name != "sft" or config.train.validate_every > 0):
-        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).eval()
+        reference_unet = make_reference_copy(unet, ref_dtype)  # train mode: see its docstring
         if dist.reference == "sharded":
             if stage != 3:
                 raise ValueError("distributed.reference = 'sharded' needs ZeRO stage 3 (the preset has stage "
@@ -399,7 +406,7 @@ def build_engine(config: Config, unet, env: DistEnv, ds: dict, schedule=None) ->
                       "steps_per_print": 10**9}
             # no optimizer: an inference-only engine; ZeRO-3 shards it like the policy, with no optimizer state
             reference_engine = deepspeed.initialize(model=reference_unet, config=ref_ds)[0]
-            reference_engine.eval()
+            reference_engine.train()  # the reference's mode, as make_reference_copy sets it
             reference_unet = reference_engine.module
         else:
             reference_unet = reference_unet.to(device)

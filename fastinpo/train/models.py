@@ -128,6 +128,16 @@ def _cast_lora_base(unet, base_dtype: torch.dtype) -> None:
                     setattr(module, name, b.to(base_dtype))
 
 
+def make_reference_copy(unet, dtype: torch.dtype):
+    """The frozen reference of full fine-tuning: a copy of the policy UNet in ``dtype``, in the policy's train mode,
+    not eval(): on the CPU under fp16 autocast an eval-mode copy's activations reach
+    down_blocks.1.resnets.0.conv_shortcut of the tiny SD1.5 channels-last where the policy's are contiguous, the fp16
+    convolution rounds per layout (3.8e-6), and beta = 5000 turned that into a step-1 loss of 0.7059 instead of ln 2
+    (tests/test_precision.py). The SD UNets have no batch norm and dropout 0, so the mode changes no value otherwise.
+    Both engines (plain and DeepSpeed) make their reference here, so they evaluate it the same way."""
+    return copy.deepcopy(unet).to(dtype).requires_grad_(False).train()
+
+
 def make_inversion_copy(unet, dtype: torch.dtype):
     """A frozen copy of the policy UNet (adapters included) in ``dtype``, for InPO's inversion (eps in ``dtype``;
     InPO keeps its inversion state in float32). Refresh it from the policy with
@@ -203,13 +213,7 @@ def build_models(config: Config, unet, device: torch.device) -> TrainingModels:
     reference_unet = None
     # SFT trains without a reference; its preference validation (DPO metrics against it) needs one
     if not lora and (config.method.name != "sft" or config.train.validate_every > 0):
-        ref_dtype = DTYPES[config.model.reference_dtype]
-        # in the policy's train mode, not eval(): on the CPU under fp16 autocast an eval-mode copy's activations
-        # reach down_blocks.1.resnets.0.conv_shortcut of the tiny SD1.5 channels-last where the policy's are
-        # contiguous, the fp16 convolution rounds per layout (3.8e-6), and beta = 5000 turned that into a step-1
-        # loss of 0.7059 instead of ln 2 (tests/test_precision.py). The SD UNets have no batch norm and dropout 0,
-        # so the mode changes no value otherwise.
-        reference_unet = copy.deepcopy(unet).to(ref_dtype).requires_grad_(False).train()
+        reference_unet = make_reference_copy(unet, DTYPES[config.model.reference_dtype])
     inversion_unet = None
     if config.method.inversion_copy != "none":
         inversion_unet = make_inversion_copy(unet, DTYPES[config.method.inversion_copy])
@@ -267,6 +271,22 @@ def conv_factored_adafactor(params, *, lr: float, weight_decay: float):
             finally:
                 for p, shape in zip(kernels, shapes, strict=True):
                     p.data, p.grad = p.data.view(shape), p.grad.view(shape)
+
+        def load_state_dict(self, state_dict):
+            super().load_state_dict(state_dict)
+            # a checkpoint of transformers' own factoring (fastinpo before conv factoring) holds conv moments of
+            # (out, in, kh) x (out, in, kw): the step would fail later with a KeyError or a shape error. The two
+            # factorings are different approximations, so there is no exact conversion: say so now
+            for group in self.param_groups:
+                for p in group["params"]:
+                    row = self.state.get(p, {}).get("exp_avg_sq_row")
+                    if p.dim() > 2 and row is not None and tuple(row.shape) != (p.shape[0],):
+                        raise ValueError(
+                            "this checkpoint's Adafactor state factors convolution kernels as transformers does "
+                            f"(a second-moment row of shape {tuple(row.shape)} for a kernel of shape "
+                            f"{tuple(p.shape)}); fastinpo now factors them as (out, in*kh*kw) (docs/MEMORY.md), "
+                            "and the two cannot be converted exactly. Resume it with the fastinpo version that "
+                            "wrote it, or start a new run from its exported weights (model.unet_init)")
 
     return ConvFactoredAdafactor(params, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False,
                                  weight_decay=weight_decay)
