@@ -75,6 +75,19 @@ def _start(cmd: list[str], log: Path) -> subprocess.Popen:
                             start_new_session=True)
 
 
+def _start_nodes(nodes, log_stem: Path, port: int, overrides: list[str]) -> tuple[list[subprocess.Popen], list[Path]]:
+    """One ``torchrun --nnodes 2`` per namespace (node 0's address is the master); logs ``{log_stem}{node}.log``."""
+    procs, logs = [], []
+    for node in (0, 1):
+        log = log_stem.with_name(f"{log_stem.name}{node}.log")
+        cmd = [*nodes.exec_prefix(node), *_torchrun(
+            "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", nodes.addresses[0],
+            "--master-port", str(port)), *overrides]
+        procs.append(_start(cmd, log))
+        logs.append(log)
+    return procs, logs
+
+
 def _wait(procs: list[subprocess.Popen], timeout_s: float) -> list[int]:
     deadline = time.monotonic() + timeout_s
     try:
@@ -150,14 +163,8 @@ def runs(nodes, setup):
     two_nodes, one_host = root / "two-nodes", root / "one-host"
     rx_before = _rx_bytes(nodes, 1)
     started = time.monotonic()
-    procs, logs = [], []
-    for node in (0, 1):
-        log = root / f"node{node}.log"
-        cmd = [*nodes.exec_prefix(node), *_torchrun(
-            "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", nodes.addresses[0],
-            "--master-port", "29500"), *_overrides(setup, two_nodes, f"distributed.socket_ifname={nodes.ifname}")]
-        procs.append(_start(cmd, log))
-        logs.append(log)
+    procs, logs = _start_nodes(nodes, root / "node", 29500,
+                               _overrides(setup, two_nodes, f"distributed.socket_ifname={nodes.ifname}"))
     log = root / "one-host.log"
     procs.append(_start([*_torchrun("--nproc-per-node", "2", "--master-addr", "127.0.0.1", "--master-port",
                                     str(_free_port())), *_overrides(setup, one_host, "distributed.socket_ifname=lo")],
@@ -257,15 +264,9 @@ def test_nodes_on_loopback_fail_within_the_bound_naming_socket_ifname(nodes, set
     takes minutes, which is start-up, not the bound under test)."""
     root = setup["root"]
     started = time.monotonic()
-    procs, logs = [], []
-    for node in (0, 1):
-        log = root / f"fault-node{node}.log"
-        cmd = [*nodes.exec_prefix(node), *_torchrun(
-            "--nnodes", "2", "--nproc-per-node", "1", "--node-rank", str(node), "--master-addr", nodes.addresses[0],
-            "--master-port", "29501"), *_overrides(setup, root / "fault", "distributed.socket_ifname=lo",
-                                                    f"distributed.timeout_s={FAULT_TIMEOUT_S}", "train.max_steps=1")]
-        procs.append(_start(cmd, log))
-        logs.append(log)
+    procs, logs = _start_nodes(nodes, root / "fault-node", 29501,
+                               _overrides(setup, root / "fault", "distributed.socket_ifname=lo",
+                                          f"distributed.timeout_s={FAULT_TIMEOUT_S}", "train.max_steps=1"))
     codes = _wait(procs, 5 * FAULT_TIMEOUT_S + IMPORT_SLACK_S + 120)
     elapsed = time.monotonic() - started
     print(f"\n[two-nodes] loopback fault: rc {codes}, both nodes done after {elapsed:.1f} s "

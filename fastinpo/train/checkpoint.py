@@ -94,6 +94,17 @@ def save_checkpoint(root: str | Path, step: int, *, trainable: dict[str, torch.T
     return commit_checkpoint(root, tmp, step, state=state, keep_last=keep_last)
 
 
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file, then every folder bottom-up, then ``folder``: before it is renamed into place, so that a
+    crash leaves either the complete folder or the temporary one."""
+    for f in sorted(folder.rglob("*")):
+        if f.is_file():
+            _fsync_file(f)
+    for sub in sorted((p for p in folder.rglob("*") if p.is_dir()), reverse=True):
+        _fsync_dir(sub)
+    _fsync_dir(folder)
+
+
 def commit_checkpoint(root: str | Path, tmp: Path, step: int, *, state: dict[str, Any], keep_last: int) -> Path:
     """Finish a checkpoint whose files are all in ``tmp``: fsync them, write ``state.json`` last, rename ``tmp``
     to ``checkpoints/step-{step}``, prune to the newest ``keep_last``. Under DeepSpeed every rank has written its
@@ -101,12 +112,7 @@ def commit_checkpoint(root: str | Path, tmp: Path, step: int, *, state: dict[str
     d = checkpoint_dir(root)
     final = d / f"step-{step:08d}"
     (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=2))
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
-    for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_dir(sub)
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
     if final.exists():  # re-saving the same step (e.g. a stop right after a periodic save)
         shutil.rmtree(final)
     os.rename(tmp, final)
@@ -291,12 +297,7 @@ def universal_copy(checkpoint: Path, tag: str) -> Path:
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # its progress bars and prints
         ds_to_universal.main(args)
     (tmp / "conversion.log").write_text(log.getvalue())
-    for f in sorted(tmp.rglob("*")):
-        if f.is_file():
-            _fsync_file(f)
-    for sub in sorted((p for p in tmp.rglob("*") if p.is_dir()), reverse=True):
-        _fsync_dir(sub)
-    _fsync_dir(tmp)
+    _fsync_tree(tmp)
     if final.exists():  # an incomplete folder of that name (no latest_universal): not ours to keep
         shutil.rmtree(final)
     os.rename(tmp, final)
