@@ -224,6 +224,12 @@ def saved_world_size(state: dict[str, Any]) -> int:
     return int(state.get("world_size") or 1)
 
 
+def keeps_pairs_per_step(saved: tuple[int, int, int], now: tuple[int, int, int]) -> bool:
+    """Whether ``(ranks, pairs_per_batch, grad_accum)`` ``now`` trains as many pairs per optimizer step as
+    ``saved``: the condition for a resume to continue the same training under another split."""
+    return saved[0] * saved[1] * saved[2] == now[0] * now[1] * now[2]
+
+
 def batch_settings(pairs_per_step: int, world_size: int, pairs_per_batch: int, grad_accum: int
                    ) -> list[tuple[int, int]]:
     """``(pairs_per_batch, grad_accum)`` that give ``pairs_per_step`` on ``world_size`` ranks, the ones closest to
@@ -249,7 +255,7 @@ def world_size_change_problem(checkpoint: Path, saved: tuple[int, int, int], now
     run continues the same training. Otherwise the message, naming the settings that would keep it."""
     (w0, b0, a0), (w1, b1, a1) = saved, now
     pairs = w0 * b0 * a0
-    if w1 * b1 * a1 == pairs:
+    if keeps_pairs_per_step(saved, now):
         return None
     head = (f"checkpoint {checkpoint} was written by {w0} rank(s) x train.pairs_per_batch = {b0} x train.grad_accum "
             f"= {a0} = {pairs} pairs per optimizer step; this run has {w1} rank(s) x {b1} x {a1} = {w1 * b1 * a1}. ")

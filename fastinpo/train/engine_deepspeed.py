@@ -114,6 +114,7 @@ def init_distributed(config: Config) -> DistEnv:
         # gloo and NCCL otherwise pick the interface the hostname resolves to: loopback on many clusters, where
         # the first node fails at once and the other waits for a peer that can never connect
         os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = dist.socket_ifname
+    backend = "nccl" if use_cuda else "gloo"
     if not torch.distributed.is_initialized():
         # a single process started without a launcher still gets a (1-rank) group: DeepSpeed needs one
         os.environ.setdefault("RANK", "0")
@@ -121,7 +122,6 @@ def init_distributed(config: Config) -> DistEnv:
         os.environ.setdefault("LOCAL_RANK", "0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29511")
-        backend = "nccl" if use_cuda else "gloo"
         # torch's process group first, under a watchdog: when every node reached the store but gloo's connections
         # cannot complete (loopback), the waiting node's own timeouts add up to ~5 x timeout_s (measured 15, 50,
         # 100 s for 3, 10, 20 s); the watchdog ends it at 1 x plus a grace. DeepSpeed's own start-up (which may
@@ -136,7 +136,7 @@ def init_distributed(config: Config) -> DistEnv:
         finally:
             watchdog.cancel()
     # wraps the group started above (or the launcher's) in DeepSpeed's communication layer
-    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo", verbose=False,
+    deepspeed.init_distributed(dist_backend=backend, verbose=False,
                                timeout=timedelta(seconds=dist.timeout_s))
     return DistEnv(torch.distributed.get_rank(), torch.distributed.get_world_size(), local_rank, device)
 
@@ -535,6 +535,8 @@ class DeepSpeedEngine(Engine):
         self.env = init_distributed(config)
         self.device, self.rank, self.world_size = self.env.device, self.env.rank, self.env.world_size
         self.ds = fill_deepspeed_config(config, load_preset(config.distributed.deepspeed_config), self.world_size)
+        #: the ranks that wrote the checkpoint being resumed, when not this run's (set by check_resume_point)
+        self.resume_ranks: int | None = None
 
     @property
     def label(self) -> str:
@@ -749,7 +751,7 @@ class DeepSpeedEngine(Engine):
             raise ValueError(f"checkpoint {path} was written by a one-process run (distributed.backend = 'none'); "
                              "resume it with that backend")
         ranks = ckpt.saved_world_size(saved)
-        if ranks != self.world_size and getattr(self, "resume_ranks", None) != ranks:
+        if ranks != self.world_size and self.resume_ranks != ranks:
             raise ValueError(f"checkpoint {path} was written by {ranks} ranks, this run has {self.world_size}, and "
                              "its resume was not planned (Engine.check_resume_point runs before the engine is built)")
         for key, want in (("method", self.config.method.name), ("lora", self.models.lora)):

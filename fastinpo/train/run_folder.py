@@ -86,7 +86,7 @@ def check_resume_config(config: Config, checkpoint: Path, out_dir: Path, *, worl
     :func:`fastinpo.train.checkpoint.world_size_change_problem`)."""
     import json
 
-    from fastinpo.train.checkpoint import BATCH_KEYS, saved_world_size
+    from fastinpo.train.checkpoint import BATCH_KEYS, keeps_pairs_per_step, saved_world_size
 
     saved = saved_config(checkpoint, out_dir)
     if saved is None:
@@ -95,8 +95,8 @@ def check_resume_config(config: Config, checkpoint: Path, out_dir: Path, *, worl
         return
     old, new = _flatten(saved), _flatten(config.to_dict())
     ranks = saved_world_size(json.loads((checkpoint / "state.json").read_text()))
-    same_pairs = (ranks * old.get(BATCH_KEYS[0], 1) * old.get(BATCH_KEYS[1], 1)
-                  == world_size * new[BATCH_KEYS[0]] * new[BATCH_KEYS[1]])
+    same_pairs = keeps_pairs_per_step((ranks, old.get(BATCH_KEYS[0], 1), old.get(BATCH_KEYS[1], 1)),
+                                      (world_size, new[BATCH_KEYS[0]], new[BATCH_KEYS[1]]))
     allowed = RESUMABLE_KEYS | (set(BATCH_KEYS) if same_pairs else set())
     changed = [f"{k}: saved {old.get(k)!r}, now {new.get(k)!r}" for k in sorted(set(old) | set(new))
                if k not in allowed and old.get(k) != new.get(k)]
