@@ -12,6 +12,10 @@ case's stated need plus a margin, instead of crashing a shared machine.
 
     python benchmarks/measure_memory.py table --pipeline sd15=/tmp/sd15 --pipeline sdxl=/tmp/sdxl \\
         --cases sd15:diffusion-dpo:lora:no sdxl:diffusion-dpo:lora:bf16:bfloat16 --resolution 128 --device cpu
+
+``--out DIR`` also writes the rows to ``DIR/memory-<device>-<date>.md`` (the table) and ``.jsonl`` (one JSON row per
+case with the run's metadata: device, torch, commit, command, resolution), appending, so several ``table`` calls
+(e.g. SD1.5 at 512² and SDXL at 1024², as the GPU kit's ``memory`` stage runs them) make one file.
 """
 
 from __future__ import annotations
@@ -27,20 +31,26 @@ import threading
 import time
 from pathlib import Path
 
+REPO = str(Path(__file__).resolve().parents[1])
+if REPO not in sys.path:  # run as a script: `benchmarks.*` resolves from the repository root
+    sys.path.insert(0, REPO)
+
 
 def pairs_and_cache(work: Path, arch: str, pipeline: str, resolution: int) -> tuple[Path, Path]:
     """Two synthetic pairs (one usable, one tie) and their latent/text cache (``fastinpo cache``, its own process):
     training then loads no VAE or text encoder, as the shipped configs' ``data.cache_dir`` runs do."""
     from fastinpo.data.pickapic import synthetic_rows, write_pickapic_parquet
 
-    pairs, cache = work / "pairs", work / f"cache-{arch}-{resolution}"
+    pairs, cache = work / f"pairs-{resolution}", work / f"cache-{arch}-{resolution}"
     if not pairs.is_dir():
         write_pickapic_parquet(pairs / "train-00000.parquet", synthetic_rows(4, resolution, seed=0))
     if not cache.is_dir():
-        subprocess.run([sys.executable, "-m", "fastinpo", "cache", "--set", f"model.path={pipeline}", "--set",
-                        f"data.path={pairs}", "--set", f"data.cache_dir={cache}", "--set",
-                        f"data.resolution={resolution}", "--set", "data.caption_dropout=0"], check=True,
-                       capture_output=True)
+        done = subprocess.run([sys.executable, "-m", "fastinpo", "cache", "--set", f"model.path={pipeline}",
+                               "--set", f"data.path={pairs}", "--set", f"data.cache_dir={cache}", "--set",
+                               f"data.resolution={resolution}", "--set", "data.caption_dropout=0"],
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"fastinpo cache failed (rc {done.returncode}):\n{done.stderr[-4000:]}")
     return pairs, cache
 
 
@@ -135,6 +145,8 @@ def main(argv=None) -> int:
     table.add_argument("--need-gib", action="append", default=[],
                        help="arch:mode=GiB, a case's expected peak: skipped when MemAvailable < need + 4 GiB")
     table.add_argument("--json-out", default=None, help="also append each row as a JSON line here")
+    table.add_argument("--out", default=None,
+                       help="results folder: append the rows to memory-<device>-<date>.md and .jsonl there")
     args = p.parse_args(argv)
 
     if args.cmd == "one":
@@ -147,15 +159,43 @@ def main(argv=None) -> int:
 
     folders = dict(item.split("=", 1) for item in args.pipeline)
     needs = dict(item.split("=", 1) for item in args.need_gib)
-    print("| model | method | mode | precision | frozen base | peak RSS (GiB) | peak anon (GiB) | time (s) |"
-          + (" CUDA max allocated (GiB) |" if args.device == "cuda" else ""))
-    print("|---|---|---|---|---|---|---|---|" + ("---|" if args.device == "cuda" else ""))
+    cuda = args.device.startswith("cuda")
+    header = ("| model | method | mode | precision | frozen base | resolution | peak RSS (GiB) | peak anon (GiB) "
+              "| time (s) |" + (" CUDA max allocated (GiB) | CUDA max reserved (GiB) |" if cuda else ""))
+    rule = "|---" * (9 + 2 * cuda) + "|"
+    md_path, json_paths, meta = None, [args.json_out] if args.json_out else [], {}
+    if args.out:
+        import datetime as _dt
+
+        import torch
+
+        from benchmarks.common import device_slug, run_metadata
+
+        dev = torch.device(args.device)
+        stem = Path(args.out) / f"memory-{device_slug(dev)}-{_dt.date.today().isoformat()}"
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        md_path, meta = stem.with_suffix(".md"), run_metadata(dev)
+        json_paths.append(str(stem.with_suffix(".jsonl")))
+        if not md_path.exists():
+            md_path.write_text(header + "\n" + rule + "\n")
+
+    def emit(line: str) -> None:
+        print(line, flush=True)
+        if md_path is not None:
+            with open(md_path, "a") as f:
+                f.write(line + "\n")
+
+    print(header)
+    print(rule)
+    failed = 0
     for text in args.cases:
         case = parse_case(text)
+        base = "-" if case["mode"] == "full" else case["base_dtype"]
+        head = (f"| {case['arch']} | {case['method']} | {case['mode']} | {case['precision']} | {base} | "
+                f"{args.resolution} |")
         need = float(needs.get(f"{case['arch']}:{case['mode']}", 0))
         if need and available_gib() < need + 4:
-            print(f"| {case['arch']} | {case['method']} | {case['mode']} | {case['precision']} | "
-                  f"{case['base_dtype']} | skipped: {available_gib():.1f} GiB available < {need} + 4 | |")
+            emit(f"{head} skipped: {available_gib():.1f} GiB available < {need} + 4 | | |")
             continue
         pairs, cache = pairs_and_cache(Path(args.work), case["arch"], folders[case["arch"]], args.resolution)
         cmd = [sys.executable, __file__, "one", "--pipeline", folders[case["arch"]], "--case", text,
@@ -166,19 +206,20 @@ def main(argv=None) -> int:
         lines = [line for line in done.stdout.splitlines() if line.startswith("MEASURED ")]
         if done.returncode != 0 or not lines:
             tail = (done.stderr or done.stdout).strip().splitlines()[-1:] or ["?"]
-            print(f"| {case['arch']} | {case['method']} | {case['mode']} | {case['precision']} | "
-                  f"{case['base_dtype']} | failed (rc {done.returncode}): {tail[0][:120]} | |", flush=True)
+            emit(f"{head} failed (rc {done.returncode}): {tail[0][:120]} | | |")
+            sys.stderr.write(done.stderr[-4000:])
+            failed += 1
             continue
         row = json.loads(lines[-1][len("MEASURED "):])
-        base = "-" if case["mode"] == "full" else case["base_dtype"]
-        cuda = f" {row['cuda_max_allocated_gib']:.2f} |" if "cuda_max_allocated_gib" in row else ""
-        print(f"| {case['arch']} | {case['method']} | {case['mode']} | {case['precision']} | {base} | "
-              f"{row['peak_rss_gib']:.2f} | {row.get('peak_anon_gib', float('nan')):.2f} | {row['seconds']} |{cuda}",
-              flush=True)
-        if args.json_out:
-            with open(args.json_out, "a") as f:
-                f.write(json.dumps({**row, **case, "resolution": args.resolution, "device": args.device}) + "\n")
-    return 0
+        gpu = (f" {row['cuda_max_allocated_gib']:.2f} | {row['cuda_max_reserved_gib']:.2f} |"
+               if "cuda_max_allocated_gib" in row else "")
+        emit(f"{head} {row['peak_rss_gib']:.2f} | {row.get('peak_anon_gib', float('nan')):.2f} | "
+             f"{row['seconds']} |{gpu}")
+        for path in json_paths:
+            with open(path, "a") as f:
+                f.write(json.dumps({"device": args.device, **meta, **row, **case, "resolution": args.resolution,
+                                    "optimizer": args.optimizer, "reference_dtype": args.reference_dtype}) + "\n")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

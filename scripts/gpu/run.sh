@@ -222,7 +222,38 @@ e2e() {
   true
 }
 
-export -f wheels build correctness kernels train_step train_step_sd3 e2e
+memory() {
+  # issue 15: peak memory of one training step (one pair, gradient checkpointing, Adafactor, float16 reference for
+  # full fine-tuning, latents cached first) per model, method, LoRA/full and precision, each case a fresh process:
+  # docs/MEMORY.md's GPU rows. SDXL first, its LoRA before/after model.base_dtype (auto = the bf16 base on CUDA vs a
+  # float32 base) leading; rows are written as each case finishes. Dry run: tiny pipelines on the CPU.
+  local w="$SCRATCH/memory" a
+  mkdir -p "$w"
+  if [ "$DRY" = 1 ]; then
+    "${FASTINPO[@]}" make-tiny-pipeline "$w/tiny-sdxl" --arch sdxl --resolution 32 || exit 1
+    "$PY" benchmarks/measure_memory.py table --device cpu --resolution 32 --work "$w" --out "$RES" \
+      --pipeline "sdxl=$w/tiny-sdxl" --reference-dtype float32 \
+      --cases sdxl:diffusion-dpo:lora:bf16:bfloat16 sdxl:diffusion-dpo:lora:no sdxl:inpo:full:no
+    return
+  fi
+  for a in sdxl sd15; do
+    [ -f "$SCRATCH/pipes/$a/model_index.json" ] || "${FASTINPO[@]}" make-tiny-pipeline "$SCRATCH/pipes/$a" \
+      --size full --arch $a --dtype bfloat16 --device cuda || exit 1
+    if [ $a = sdxl ]; then
+      "$PY" benchmarks/measure_memory.py table --device cuda --resolution 1024 --work "$w" --out "$RES" \
+        --pipeline "sdxl=$SCRATCH/pipes/sdxl" --cases sdxl:diffusion-dpo:lora:bf16 sdxl:diffusion-dpo:lora:bf16:float32 \
+        sdxl:diffusion-dpo:full:bf16 sdxl:inpo:lora:bf16 sdxl:diffusion-dpo:lora:fp16 sdxl:inpo:full:bf16 \
+        sdxl:diffusion-dpo:lora:no sdxl:diffusion-dpo:full:no || exit 1
+    else
+      "$PY" benchmarks/measure_memory.py table --device cuda --resolution 512 --work "$w" --out "$RES" \
+        --pipeline "sd15=$SCRATCH/pipes/sd15" --cases sd15:diffusion-dpo:lora:bf16 sd15:diffusion-dpo:full:bf16 \
+        sd15:inpo:full:bf16 sd15:diffusion-dpo:lora:fp16 sd15:diffusion-dpo:full:fp16 sd15:diffusion-dpo:lora:no \
+        sd15:diffusion-dpo:full:no || exit 1
+    fi
+  done
+}
+
+export -f wheels build correctness kernels train_step train_step_sd3 e2e memory
 export PY REPO RES LOGS SITE SCRATCH DRY OUT
 # arrays do not cross `bash -c`: each stage re-creates FASTINPO from PY
 # (the dry run installs the cp312 wheels only to check them: they are not put on the CPU Python's path)
@@ -237,6 +268,7 @@ stage correctness "$(b 100 120)" "$PRELUDE correctness"
 stage kernels     "$(b 80 60)"   "$PRELUDE kernels"
 stage train-step  "$(b 170 150)" "$PRELUDE train_step"
 stage e2e         "$(b 150 360)" "$PRELUDE e2e"
+stage memory      "$(b 150 180)" "$PRELUDE memory"  # issue 15: docs/MEMORY.md's GPU rows
 stage train-step-sd3 "$(b 150 240)" "$PRELUDE train_step_sd3"  # new (issue 19): last, so it never costs the others
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -244,6 +276,7 @@ stage train-step-sd3 "$(b 150 240)" "$PRELUDE train_step_sd3"  # new (issue 19):
   echo "fastinpo GPU kit summary ($([ $DRY = 1 ] && echo dry run || echo GPU)) — $(elapsed)s of ${TOTAL_S}s, commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
   column -t -s $'\t' "$OUT/stages.tsv" 2>/dev/null || cat "$OUT/stages.tsv"
   for f in "$RES"/*.csv; do [ -f "$f" ] && echo "rows: $(basename "$f") ($(( $(wc -l < "$f") - 1 )))"; done
+  for f in "$RES"/memory-*.md; do [ -f "$f" ] && { echo "$(basename "$f"):"; cat "$f"; }; done
 } > "$OUT/summary.txt"
 publish
 rm -rf "$SCRATCH"
