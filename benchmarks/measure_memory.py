@@ -5,7 +5,8 @@ at a reduced resolution, with gradient checkpointing as the shipped configs use 
 random weights (``fastinpo make-tiny-pipeline --size full``) and synthetic Pick-a-Pic pairs
 cached first by ``fastinpo cache`` (so, as in the shipped configs' ``data.cache_dir`` runs, no VAE or text
 encoder is loaded during training). It reports the process's peak RSS
-(``resource.getrusage``: CPU) and, on CUDA, ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``.
+(``resource.getrusage``: CPU), the peak of its anonymous memory (resident + swapped) and, on CUDA,
+``torch.cuda.max_memory_allocated`` / ``max_memory_reserved``.
 ``table`` runs the listed cases one after another (never two at once: each can take many GiB) and prints a
 Markdown table; ``--need-gib`` skips a case when the machine's available memory is below the
 case's stated need plus a margin, instead of crashing a shared machine.
@@ -81,15 +82,18 @@ def measure_one(pipeline: str, method: str, mode: str, precision: str, base_dtyp
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # peak RSS counts the pages of the mmap'd safetensors files read while loading (clean page cache the kernel
-    # can drop); the peak of anonymous memory (sampled every 20 ms) is what the run itself allocated
-    peak_anon = [0]
+    # can drop); the peak of anonymous memory (sampled every 20 ms) is what the run itself allocated. On a machine
+    # with swap, anonymous pages swapped out still belong to the run: the peak is of resident + swapped anon.
+    peak_anon, peak_swap = [0], [0]
     stop = threading.Event()
 
     def sample():
         while not stop.wait(0.02):
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("RssAnon:"):
-                    peak_anon[0] = max(peak_anon[0], int(line.split()[1]))
+            fields = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines()
+                          if line.startswith(("RssAnon:", "VmSwap:")))
+            anon, swap = (int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "VmSwap"))
+            if anon + swap > peak_anon[0] + peak_swap[0]:
+                peak_anon[0], peak_swap[0] = anon, swap
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
@@ -101,7 +105,7 @@ def measure_one(pipeline: str, method: str, mode: str, precision: str, base_dtyp
     sampler.join()
     row = {"seconds": round(time.perf_counter() - start, 1),
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
-           "peak_anon_gib": peak_anon[0] / 2**20}
+           "peak_anon_gib": (peak_anon[0] + peak_swap[0]) / 2**20, "swap_at_peak_gib": peak_swap[0] / 2**20}
     if device == "cuda":
         row["cuda_max_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
         row["cuda_max_reserved_gib"] = torch.cuda.max_memory_reserved() / 2**30
@@ -213,7 +217,8 @@ def main(argv=None) -> int:
         row = json.loads(lines[-1][len("MEASURED "):])
         gpu = (f" {row['cuda_max_allocated_gib']:.2f} | {row['cuda_max_reserved_gib']:.2f} |"
                if "cuda_max_allocated_gib" in row else "")
-        emit(f"{head} {row['peak_rss_gib']:.2f} | {row.get('peak_anon_gib', float('nan')):.2f} | "
+        swapped = f" ({row['swap_at_peak_gib']:.2f} of it swapped)" if row.get("swap_at_peak_gib") else ""
+        emit(f"{head} {row['peak_rss_gib']:.2f} | {row.get('peak_anon_gib', float('nan')):.2f}{swapped} | "
              f"{row['seconds']} |{gpu}")
         for path in json_paths:
             with open(path, "a") as f:
