@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -65,6 +66,7 @@ def measure_one(pipeline: str, method: str, mode: str, precision: str, base_dtyp
     from fastinpo.config import load_config
     from fastinpo.train import train
 
+    # the run's own scratch folder (its export is a full UNet for full fine-tuning: GBs), removed after the step
     work = Path(tempfile.mkdtemp(prefix="fastinpo-mem-"))
     over = [f"model.path={pipeline}", f"data.path={pairs}", f"data.cache_dir={cache}",
             f"data.resolution={resolution}",
@@ -100,10 +102,14 @@ def measure_one(pipeline: str, method: str, mode: str, precision: str, base_dtyp
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # fp16 on a CPU warns that it is slow: measured on purpose
-        train(load_config(None, over))
+        try:
+            train(load_config(None, over))
+            seconds = round(time.perf_counter() - start, 1)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
     stop.set()
     sampler.join()
-    row = {"seconds": round(time.perf_counter() - start, 1),
+    row = {"seconds": seconds,
            "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,  # Linux: KiB
            "peak_anon_gib": (peak_anon[0] + peak_swap[0]) / 2**20, "swap_at_peak_gib": peak_swap[0] / 2**20}
     if device == "cuda":
