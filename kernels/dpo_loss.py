@@ -327,7 +327,8 @@ def reduction_config(rows: int, n: int, device: torch.device, block: int | None 
     On CUDA the chunk grows (up to 16 tiles) while the grid stays ≥ ~1024 programs, so large batches do fewer,
     longer programs and B = 1 still spreads each sample over many SMs. Under the interpreter each program costs
     Python time, so one 1024-wide tile per program. The config depends only on the shape, so a given shape always
-    reduces in the same order (determinism).
+    reduces in the same order (determinism). It depends on ``rows`` too: the same sample in a batch of another
+    size may be summed in other chunks and differ in the last bits (not batch-invariant; GPU review item 11).
     """
     if block is None:
         block = 1024
