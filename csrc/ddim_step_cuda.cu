@@ -121,16 +121,39 @@ __global__ void __launch_bounds__(kThreads) ddim_step_kernel(const DdimStepParam
 
 bool aligned16(const void* ptr) { return ptr == nullptr || (reinterpret_cast<uintptr_t>(ptr) & 15u) == 0; }
 
+// Blocks of kThreads one SM holds at once for this kernel variant (registers decide it: a 40-register variant fits
+// 6 of 256 threads on sm_90, not the 8 that 2048 threads / SM would give; GPU review item 12). Queried once per
+// variant and device; the query neither launches nor synchronizes.
+template <StepDtype D, bool CFG, bool NOISE, bool VEC>
+int resident_blocks_per_sm() {
+  constexpr int kMaxDevices = 64;
+  static int cache[kMaxDevices] = {};  // 0 = not queried yet (a benign race: every writer stores the same value)
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess) device = -1;
+  if (device >= 0 && device < kMaxDevices && cache[device] > 0) return cache[device];
+  int blocks = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&blocks, ddim_step_kernel<D, CFG, NOISE, VEC>, kThreads, 0) !=
+          cudaSuccess ||
+      blocks < 1) {
+    (void)cudaGetLastError();  // clear it: the launch's error check below must not report the query's
+    blocks = 2048 / kThreads;  // the hardware's thread limit: what the grid assumed before
+  }
+  if (device >= 0 && device < kMaxDevices) cache[device] = blocks;
+  return blocks;
+}
+
 template <StepDtype D, bool CFG, bool NOISE>
 const char* launch(const DdimStepParams& p, int sm_count, cudaStream_t stream) {
   using T = typename Storage<D>::T;
   constexpr int V = static_cast<int>(16 / sizeof(T));
   const bool vec = p.row % V == 0 && aligned16(p.x) && aligned16(p.eps) && aligned16(p.noise) && aligned16(p.out);
   const int64_t packs = vec ? p.row / V : p.row;
-  // Enough resident blocks to fill every SM (2048 threads / SM = 8 blocks of 256), spread over samples;
-  // never more blocks per sample than it has work for. grid.y is capped by CUDA at 65535: the kernel's
-  // sample loop covers larger batches.
-  const int64_t target = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * (2048 / kThreads);
+  // One wave: as many blocks as every SM holds at once for this variant, spread over samples; never more blocks
+  // per sample than it has work for. grid.y is capped by CUDA at 65535: the kernel's sample loop covers larger
+  // batches.
+  const int per_sm =
+      vec ? resident_blocks_per_sm<D, CFG, NOISE, true>() : resident_blocks_per_sm<D, CFG, NOISE, false>();
+  const int64_t target = static_cast<int64_t>(sm_count > 0 ? sm_count : 1) * per_sm;
   const int64_t grid_y = p.n < 65535 ? p.n : 65535;
   int64_t grid_x = (target + grid_y - 1) / grid_y;
   const int64_t needed = (packs + kThreads - 1) / kThreads;
