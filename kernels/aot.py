@@ -1,133 +1,301 @@
-"""Ahead-of-time compile of every Triton kernel of fastinpo, for CUDA targets, without a GPU.
+"""Ahead-of-time compile of the Triton kernels exactly as the launchers launch them, for CUDA targets, without a GPU.
 
-``python -m fastinpo.kernels.aot --arch 80 --arch 90`` compiles each kernel, in each dtype variant (fp32, fp16,
-bf16 inputs, plus the mixed variants the trainers use) and each constexpr specialization the launchers use, to
-PTX and cubin for every requested ``sm_XX``, prints one line per compile and exits non-zero if any fails. CI runs
-it so that a kernel that would not compile on an A100 (sm_80) or H100 (sm_90) fails there, not on the cluster.
+``python -m fastinpo.kernels.aot --arch 80 --arch 90`` runs every public launcher (the fused DPO, InPO and
+Inversion-DPO losses forward and backward, the memory-light Inversion-DPO passes, the fused DDIM step in each
+option set, the flow Euler step) on host tensors of the sizes training uses — SDXL latents ``4×128×128`` at 1, 4,
+16 and 64 pairs, fp32/fp16/bf16 — plus an odd shape and a misaligned view, with the kernel launch intercepted.
+Each intercepted launch goes through **Triton's own binder** (the one its JIT runs: the same signature, i32/i64
+choice of every integer, ``== 1`` constants, and 16-byte divisibility attributes of every pointer and integer), and
+the distinct variants are compiled with ``triton.compile`` for every requested ``sm_XX``: what the GPU will JIT,
+not a hand-written approximation (GPU review item 3). The launchers' one device-dependent choice, the reduction's
+``TILES`` (``dpo_loss.reduction_config``), is made as on CUDA.
 
-It must run with the real compiler, so ``TRITON_INTERPRET`` must not be set (it is refused if it is).
-Only long-standing Triton APIs are used (``triton.compile``, ``ASTSource``, ``GPUTarget``): 3.6 and 3.9 both work.
+Each compiled variant is then read back from its cubin with the ``cuobjdump`` Triton ships: registers, stack and
+local memory. A variant that spills (stack or local memory > 0) fails, and so does a streaming kernel whose
+inputs are aligned but whose PTX has no 128-bit global load (it would run scalar). One line per variant, a summary,
+exit status non-zero on any failure. CI runs it.
+
+It must run with the real compiler, so ``TRITON_INTERPRET`` must not be set (it is refused if it is). It uses
+Triton's JIT internals (``create_function_from_signature``, ``JITFunction._pack_args``), present in 3.6 and 3.9;
+a Triton without them is refused with that reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import re
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 
-_DT = {"fp32": "fp32", "fp16": "fp16", "bf16": "bf16"}
+SDXL = (4, 128, 128)
+PAIRS = (1, 4, 16, 64)
+DTYPES = ("float32", "float16", "bfloat16")
+# kernels that stream the big tensors: with aligned inputs they must load 128 bits at a time
+STREAMING = ("_sumsq_partials_kernel", "_dpo_grad_kernel", "_ddim_step_kernel", "_flow_euler_step_kernel")
+_V4_LOAD = re.compile(r"ld\.global[^;\n]*\.v4\.")
 
 
-def _signature(fn, pointers: dict, scalars: dict, constexprs: dict) -> dict:
-    """Triton signature of ``fn``: each pointer's element type, each scalar's type, ``"constexpr"`` otherwise."""
-    sig = {}
-    for p in fn.params:
-        name = p.name
-        if p.is_constexpr:
-            if name not in constexprs:
-                raise KeyError(f"{fn.__name__}: no value for constexpr {name}")
-            sig[name] = "constexpr"
-        elif name in scalars:
-            sig[name] = scalars[name]
-        elif name.endswith("_ptr"):
-            sig[name] = "*" + pointers.get(name, "fp32")
-        else:
-            raise KeyError(f"{fn.__name__}: no type for argument {name}")
-    return sig
+@contextlib.contextmanager
+def intercepted_launches():
+    """Record ``(jit_function, args, kwargs)`` of every Triton launch instead of running it; the reduction's tile
+    choice made as on CUDA. The launchers run on host tensors (their outputs stay uninitialised)."""
+    import torch
+    from triton.runtime.jit import JITFunction
+
+    from fastinpo.kernels import dpo_loss
+
+    launches = []
+    run, config = JITFunction.run, dpo_loss.reduction_config
+
+    def record(self, *args, grid, warmup, **kwargs):
+        launches.append((self, args, kwargs))
+
+    def config_as_on_cuda(rows, n, device, block=None, tiles=None):
+        return config(rows, n, torch.device("cuda"), block, tiles)
+
+    JITFunction.run, dpo_loss.reduction_config = record, config_as_on_cuda
+    try:
+        yield launches
+    finally:
+        JITFunction.run, dpo_loss.reduction_config = run, config
 
 
-def jobs():
-    """``(label, fn, signature, constexprs)`` for every kernel variant the launchers can produce."""
+def _scenarios():
+    """``(name, thunk)``: each thunk calls public launchers the way training does."""
+    import torch
+
     from fastinpo.kernels import ddim_step, dpo_loss, flow_step, inversion_dpo
 
+    def randn(shape, dtype, grad=False):
+        return torch.randn(shape, dtype=getattr(torch, dtype)).requires_grad_(grad)
+
+    def dpo(B, d, t_dtype, loss_type="sigmoid", shape=SDXL, view=False):
+        def go():
+            if view:  # a view one sample into a larger tensor: its data pointer is not 16-byte aligned
+                m = randn((2 * B + 1, *shape), d)[1:].detach().requires_grad_(True)
+            else:
+                m = randn((2 * B, *shape), d, grad=True)
+            out = dpo_loss.diffusion_dpo_loss(m, randn(m.shape, d), randn(m.shape, t_dtype), 5000.0, loss_type)
+            out.loss.backward()
+        return go
+
+    def inpo(B, d, t_dtype):
+        def go():
+            m = randn((2 * B, *SDXL), d, grad=True)
+            alpha = torch.rand(2 * B) * 0.9 + 0.05
+            out = dpo_loss.inpo_dpo_loss(m, randn(m.shape, d), randn(m.shape, t_dtype), randn(m.shape, t_dtype),
+                                         alpha, 5000.0)
+            out.loss.backward()
+        return go
+
+    def inversion(B, N, d):
+        def go():
+            m = randn((N, 2 * B, *SDXL), d, grad=True)
+            out = inversion_dpo.inversion_dpo_loss(m, randn(m.shape, d), torch.rand(N), 5000.0)
+            out.loss.backward()
+        return go
+
+    def inversion_light(B, N, d):  # the memory-light two-pass gradient, one step
+        def go():
+            m, r = randn((2 * B, *SDXL), d), randn((2 * B, *SDXL), d)
+            D = torch.zeros(2 * B)
+            inversion_dpo.accumulate_step(D, m, r, 0.5, N)
+            inversion_dpo.step_grad(torch.randn(2 * B), m, r, 0.5, N)
+        return go
+
+    def ddim(B, d, e_dtype, fused, gather=False, cfg=False, active=False, noise=False, in_place=False, shape=SDXL):
+        def go():
+            n = 2 * B
+            x = randn((n, *shape), d)
+            if not fused:
+                ddim_step.ddim_inversion_step(x, randn(x.shape, e_dtype), torch.rand(n), torch.rand(n))
+                return
+            eps = randn(((2 * n) if cfg else n, *shape), e_dtype)
+            table = torch.linspace(0.999, 0.01, 1000)
+            levels = torch.randint(0, 1000, (n,))
+            ddim_step.ddim_inversion_step_fused(
+                x, eps, table, levels if gather else torch.full((n,), -1), levels, 0.9991,
+                cfg_scale=7.5 if cfg else None, active=torch.ones(n, dtype=torch.bool) if active else None,
+                noise_seed=1234 if noise else None, noise_scale=torch.rand(n) if noise else None,
+                out=x if in_place else None)
+        return go
+
+    def flow(B, d, v_dtype, shape=SDXL):
+        def go():
+            x = randn((2 * B, *shape), d)
+            flow_step.flow_euler_step(x, randn(x.shape, v_dtype), torch.rand(2 * B))
+        return go
+
     out = []
-    # partial sums: policy/ref/target dtypes; InPO target inputs; Inversion-DPO (no ref)
-    sums_scalars = {k: "i32" for k in ("n", "num_chunks")}
-    sums_scalars.update({k: "i64" for k in ("a_stride", "b_stride", "t_stride", "z_stride", "slot_size")})
-    for d in _DT:
-        for tdt in sorted({d, "fp32"}):
-            for has_b, inpo in ((True, False), (False, False), (True, True)):
-                ce = {"BLOCK": 1024, "TILES": 4, "HAS_B": has_b, "INPO": inpo}
-                ptr = {"a_ptr": d, "b_ptr": d, "t_ptr": tdt, "z_ptr": tdt, "alpha_ptr": "fp32", "part_ptr": "fp32"}
-                label = f"sumsq_partials[a={d},t={tdt},has_ref={int(has_b)},inpo={int(inpo)}]"
-                out.append((label, dpo_loss._sumsq_partials_kernel, ptr, sums_scalars, ce))
-    epi_scalars = {"B": "i32", "n": "i32", "num_chunks": "i32", "slot": "i32", "k": "fp32"}
-    for has_ref in (True, False):
-        for loss_type in (0, 1, 2):  # sigmoid, hinge, ipo
-            ce = {"BLOCK_B": 64, "BLOCK_C": 64, "HAS_REF": has_ref, "LOSS_TYPE": loss_type}
-            out.append((f"dpo_epilogue[has_ref={int(has_ref)},loss_type={loss_type}]",
-                        dpo_loss._dpo_epilogue_kernel, {}, epi_scalars, ce))
-    out.append(("weighted_distance", dpo_loss._weighted_distance_kernel, {},
-                {"R2": "i32", "n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_N": 16, "BLOCK_C": 64}))
-    grad_scalars = {"B": "i32", "n": "i32", "num_steps": "i32", "k": "fp32"}
-    grad_scalars.update({k: "i64" for k in ("a_stride", "t_stride", "z_stride")})
-    for d in _DT:
-        for tdt in sorted({d, "fp32"}):
-            for inpo, has_w, coef in ((False, False, False), (True, False, False), (False, True, False),
-                                      (False, True, True)):
-                # the common backward: only the loss sends a gradient (logits / model_mse do not)
-                ce = {"BLOCK": 1024, "INPO": inpo, "HAS_W": has_w, "COEF_GIVEN": coef, "LOSS_TYPE": 0,
-                      "HAS_GLOSS": not coef, "HAS_GLOGITS": False, "HAS_GM": False}
-                ptr = {"a_ptr": d, "t_ptr": tdt, "z_ptr": tdt, "grad_ptr": d}
-                label = f"dpo_grad[a={d},t={tdt},inpo={int(inpo)},has_w={int(has_w)},coef={int(coef)}]"
-                out.append((label, dpo_loss._dpo_grad_kernel, ptr, grad_scalars, ce))
-    for loss_type, all_grads in ((1, False), (2, False), (0, True)):  # hinge, ipo; every output sending a gradient
-        ce = {"BLOCK": 1024, "INPO": False, "HAS_W": False, "COEF_GIVEN": False, "LOSS_TYPE": loss_type,
-              "HAS_GLOSS": True, "HAS_GLOGITS": all_grads, "HAS_GM": all_grads}
-        label = f"dpo_grad[a=fp32,t=fp32,loss_type={loss_type},all_output_grads={int(all_grads)}]"
-        out.append((label, dpo_loss._dpo_grad_kernel, {}, grad_scalars, ce))
-    out.append(("accumulate_rows", inversion_dpo._accumulate_rows_kernel, {},
-                {"n": "i32", "num_chunks": "i32", "num_steps": "i32"}, {"BLOCK_C": 64}))
-    step_scalars = {"alpha_init": "fp32", "g": "fp32", "seed": "i64", "n_levels": "i32", "n": "i32", "n_rows": "i32",
-                    "x_stride": "i64", "eps_stride": "i64", "out_stride": "i64"}
-    for xd in _DT:
-        for ed in sorted({xd, "fp32"}):
-            for gather, cfg, act, noise, inplace in ((False, False, False, False, False),
-                                                     (True, True, True, True, False),
-                                                     (True, True, True, True, True),
-                                                     (True, False, False, True, False)):
-                ce = {"BLOCK": 1024, "GATHER": gather, "CFG": cfg, "HAS_ACTIVE": act, "HAS_NOISE": noise,
-                      "IN_PLACE": inplace}
-                ptr = {"x_ptr": xd, "eps_ptr": ed, "out_ptr": xd, "tfrom_ptr": "i64", "tto_ptr": "i64",
-                       "active_ptr": "i8"}
-                label = (f"ddim_step[x={xd},eps={ed},gather={int(gather)},cfg={int(cfg)},active={int(act)},"
-                         f"noise={int(noise)},in_place={int(inplace)}]")
-                out.append((label, ddim_step._ddim_step_kernel, ptr, step_scalars, ce))
-    flow_scalars = {"n": "i32", "x_stride": "i64", "v_stride": "i64", "out_stride": "i64"}
-    for xd in _DT:
-        for vd in sorted({xd, "fp32"}):  # the inversion passes float32 velocities with a float32 state
-            ptr = {"x_ptr": xd, "v_ptr": vd, "out_ptr": xd, "d_ptr": "fp32"}
-            out.append((f"flow_euler_step[x={xd},v={vd}]", flow_step._flow_euler_step_kernel, ptr, flow_scalars,
-                        {"BLOCK": 1024}))
-    return [(label, fn, _signature(fn, ptr, sc, ce), ce) for label, fn, ptr, sc, ce in out]
+    for d in DTYPES:
+        targets = sorted({d, "float32"})
+        for B in PAIRS:
+            for t in targets:
+                out.append((f"diffusion-dpo B={B} {d} target={t}", dpo(B, d, t)))
+        for B in (1, 16):
+            for t in targets:
+                out.append((f"inpo B={B} {d} x_t/z0={t}", inpo(B, d, t)))
+        for B, N in ((1, 80), (4, 20)):
+            out.append((f"inversion-dpo B={B} N={N} {d}", inversion(B, N, d)))
+        out.append((f"inversion-dpo memory-light B=1 N=80 {d}", inversion_light(1, 80, d)))
+        for e in sorted({d, "float32"}):
+            for B in (1, 16):
+                out.append((f"ddim plain B={B} x={d} eps={e}", ddim(B, d, e, fused=False)))
+                out.append((f"ddim fused all options B={B} x={d} eps={e}",
+                            ddim(B, d, e, True, gather=True, cfg=True, active=True, noise=True)))
+                out.append((f"ddim fused in place B={B} x={d} eps={e}",
+                            ddim(B, d, e, True, gather=True, cfg=True, active=True, noise=True, in_place=True)))
+                out.append((f"ddim fused gather+noise B={B} x={d} eps={e}",
+                            ddim(B, d, e, True, gather=True, noise=True)))
+            out.append((f"flow euler B=1 x={d} v={e}", flow(1, d, e)))
+    for loss_type in ("hinge", "ipo"):
+        out.append((f"diffusion-dpo {loss_type} B=1 float32", dpo(1, "float32", "float32", loss_type)))
+    odd = (3, 37, 41)  # 4551 elements per sample: nothing divisible by 16
+    out.append(("diffusion-dpo odd shape B=1 float32", dpo(1, "float32", "float32", shape=odd)))
+    out.append(("diffusion-dpo misaligned view B=1 bfloat16", dpo(1, "bfloat16", "bfloat16", shape=odd, view=True)))
+    out.append(("ddim fused odd shape B=1 float32", ddim(1, "float32", "float32", True, gather=True, noise=True,
+                                                         shape=odd)))
+    out.append(("flow euler odd shape B=1 float32", flow(1, "float32", "float32", shape=odd)))
+    return out
+
+
+class Variant:
+    """One distinct compile: a kernel with the signature, constants and attributes Triton's binder gave it."""
+
+    def __init__(self, fn, signature, constexprs, attrs, options, scenario):
+        self.fn, self.signature, self.constexprs, self.attrs, self.options = fn, signature, constexprs, attrs, options
+        self.scenarios = [scenario]
+
+    @property
+    def name(self) -> str:
+        return self.fn.__name__
+
+    def key(self):
+        return (self.name, tuple(sorted(self.signature.items())), tuple(sorted(self.constexprs.items())),
+                tuple(sorted((k, str(v)) for k, v in self.attrs.items())))
+
+    def aligned_inputs(self) -> bool:
+        """Every pointer, every row stride and the row length ``n`` carry the 16-divisibility attribute (a
+        constant ``== 1`` is not aligned): what lets the compiler load 16 bytes at a time."""
+        for i, p in enumerate(self.fn.params):
+            ty = self.signature.get(p.name, "constexpr")
+            if not (ty.startswith("*") or p.name == "n" or p.name.endswith("_stride")):
+                continue
+            if ty == "constexpr" or not any(a and a[0] == "tt.divisibility" for a in self.attrs.get((i,), [])):
+                return False
+        return True
+
+    def label(self) -> str:
+        params = [p.name for p in self.fn.params]
+        ptrs = sorted({v[1:] for v in self.signature.values() if v.startswith("*")})
+        consts = ",".join(f"{params[k[0]]}={v}" for k, v in sorted(self.constexprs.items()))
+        ints = [name for name, ty in self.signature.items() if ty in ("i32", "i64")]
+        wide = [name for name in ints if self.signature[name] == "i64"]
+        return (f"{self.name}[{'/'.join(ptrs)}; {consts}; {'aligned' if self.aligned_inputs() else 'unaligned'}"
+                f"{'; i64 ' + ','.join(wide) if wide else ''}]")
+
+
+def collect_variants():
+    """Run every scenario with launches intercepted; bind each launch as the JIT would; keep the distinct ones."""
+    import torch
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    try:
+        from triton.runtime.jit import JITFunction, create_function_from_signature
+    except ImportError as err:
+        raise RuntimeError(f"this Triton has no JIT binder to reuse ({err}); the AOT check needs Triton 3.6+") from err
+    if not hasattr(JITFunction, "_pack_args"):
+        raise RuntimeError("this Triton's JITFunction has no _pack_args; the AOT check needs Triton 3.6+")
+    backend = make_backend(GPUTarget("cuda", 90, 32))  # binding does not depend on the arch
+    binders: dict = {}
+    variants: dict = {}
+    torch.manual_seed(0)
+    for scenario, thunk in _scenarios():
+        with intercepted_launches() as launches:
+            thunk()
+        if not launches:
+            raise RuntimeError(f"scenario {scenario!r} launched no kernel")
+        for fn, args, kwargs in launches:
+            kwargs = dict(kwargs)
+            kwargs.setdefault("debug", False)
+            if fn not in binders:
+                binders[fn] = create_function_from_signature(fn.signature, fn.params, backend)
+            bound, specialization, options = binders[fn](*args, **kwargs)
+            options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
+            v = Variant(fn, signature, constexprs, attrs, options, scenario)
+            if v.key() in variants:
+                variants[v.key()].scenarios.append(scenario)
+            else:
+                variants[v.key()] = v
+    return list(variants.values())
+
+
+def _cuobjdump() -> str | None:
+    import triton
+
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    return bundled if os.access(bundled, os.X_OK) else shutil.which("cuobjdump")
+
+
+def resources(cubin: bytes, tool: str | None) -> dict | None:
+    """``{"REG": .., "STACK": .., "LOCAL": ..}`` of the cubin's kernel, from ``cuobjdump --dump-resource-usage``."""
+    if tool is None:
+        return None
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    found = {k: int(v) for k, v in re.findall(r"\b(REG|STACK|LOCAL):(\d+)", text)}
+    return found or None
 
 
 def compile_all(archs, verbose: bool = True) -> int:
-    """Compile every job for every arch; returns the number of failures."""
+    """Compile every variant for every arch and check its resources; returns the number of failures."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    variants = collect_variants()
+    tool = _cuobjdump()
+    if tool is None:
+        print("note: no cuobjdump found: registers and spills are not checked", flush=True)
+    print(f"{len(variants)} distinct kernel variants from the launchers", flush=True)
     failures = 0
     for arch in archs:
         target = GPUTarget("cuda", int(arch), 32)
-        for label, fn, sig, ce in jobs():
+        for v in variants:
             t0 = time.perf_counter()
+            problems = []
+            res = None
             try:
-                compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=ce), target=target)
+                compiled = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=target,
+                                          options=v.options.__dict__)
                 asm = compiled.asm
-                ok = "ptx" in asm and "cubin" in asm and len(asm["cubin"]) > 0
-                status = "ok" if ok else "FAILED (no ptx/cubin)"
-                failures += 0 if ok else 1
+                if not ("ptx" in asm and asm.get("cubin")):
+                    problems.append("no ptx/cubin")
+                else:
+                    res = resources(asm["cubin"], tool)
+                    if res and (res.get("STACK", 0) or res.get("LOCAL", 0)):
+                        problems.append(f"spills: stack {res.get('STACK', 0)} B, local {res.get('LOCAL', 0)} B")
+                    if v.name in STREAMING and v.aligned_inputs() and not _V4_LOAD.search(asm["ptx"]):
+                        problems.append("aligned inputs but no 128-bit global load")
             except Exception as err:  # report and keep going: one line per kernel, all failures listed
-                status = f"FAILED {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                failures += 1
+                problems.append(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
                 if verbose:
                     traceback.print_exc()
-            print(f"sm_{arch} {label}: {status} ({time.perf_counter() - t0:.2f}s)", flush=True)
-    return failures
+            status = "ok" if not problems else "FAILED " + "; ".join(problems)
+            failures += bool(problems)
+            usage = f" regs {res.get('REG')} stack {res.get('STACK', 0)}" if res else ""
+            print(f"sm_{arch} {v.label()}: {status}{usage} ({time.perf_counter() - t0:.2f}s; "
+                  f"{len(v.scenarios)} launch site(s), e.g. {v.scenarios[0]})", flush=True)
+    return failures, len(variants)
 
 
 def main(argv=None) -> int:
@@ -138,9 +306,8 @@ def main(argv=None) -> int:
         print("error: TRITON_INTERPRET is set; ahead-of-time compile needs the real compiler", file=sys.stderr)
         return 2
     archs = args.arch or [80, 90]
-    n_jobs = len(jobs())
-    failures = compile_all(archs)
-    total = n_jobs * len(archs)
+    failures, n_variants = compile_all(archs)
+    total = n_variants * len(archs)
     print(f"{total - failures}/{total} kernel variants compiled for {', '.join(f'sm_{a}' for a in archs)}")
     return 1 if failures else 0
 

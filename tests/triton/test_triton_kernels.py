@@ -11,6 +11,7 @@ small (the interpreter runs each program in Python) except where a test needs a 
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import subprocess
@@ -668,6 +669,49 @@ def test_aot_compile_sm80_sm90():
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "FAILED" not in proc.stdout
     assert "kernel variants compiled for sm_80, sm_90" in proc.stdout
+
+
+AOT_CONTROL = r"""
+import json, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastinpo.kernels import aot
+variants = aot.collect_variants()
+sig = lambda v, name: v.signature.get(name)
+stream = [v for v in variants if v.name in aot.STREAMING and v.aligned_inputs()]
+v = next(v for v in stream if v.name == "_sumsq_partials_kernel")
+target = GPUTarget("cuda", 90, 32)
+as_run = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=target, options=v.options.__dict__)
+bare = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, {}), target=target, options=v.options.__dict__)
+print(json.dumps({
+    "tiles": sorted({c for v in variants if v.name == "_sumsq_partials_kernel" for k, c in v.constexprs.items()
+                     if v.fn.params[k[0]].name == "TILES"}),
+    "stride_types": sorted({sig(v, "a_stride") for v in variants if v.name == "_sumsq_partials_kernel"}),
+    "b1_grad": any(v.name == "_dpo_grad_kernel" and any(v.fn.params[k[0]].name == "B" for k in v.constexprs)
+                   for v in variants),
+    "unaligned": sorted({v.name for v in variants if not v.aligned_inputs()}),
+    "v4_as_run": bool(aot._V4_LOAD.search(as_run.asm["ptx"])),
+    "v4_without_attrs": bool(aot._V4_LOAD.search(bare.asm["ptx"])),
+}))
+"""
+
+
+def test_aot_compiles_the_runtime_variants_and_its_vector_check_can_fail():
+    """GPU review item 3: the AOT variants come from the launchers through Triton's own binder — the TILES the
+    CUDA reduction picks from 1 to 64 pairs, i32 strides, the ``B == 1`` specialisation, unaligned variants from the
+    odd shape and the misaligned view — and its 128-bit-load check tells the variant as the JIT compiles it (16-byte
+    divisibility attributes: vector loads) from the same kernel without them (scalar: what the old check compiled)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", AOT_CONTROL], env=env, cwd=REPO, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["tiles"] == [1, 2, 8], got  # B <= 4: 1; B = 16: 2; B = 64 and Inversion-DPO N = 80: 8
+    assert got["stride_types"] == ["i32"], got
+    assert got["b1_grad"], got
+    assert {"_sumsq_partials_kernel", "_dpo_grad_kernel", "_ddim_step_kernel",
+            "_flow_euler_step_kernel"} <= set(got["unaligned"]), got
+    assert got["v4_as_run"] and not got["v4_without_attrs"], got
 
 
 # ------------------------------------------------------------------------------------------ GPU, full SDXL sizes
