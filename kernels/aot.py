@@ -11,9 +11,11 @@ not a hand-written approximation (GPU review item 3). The launchers' one device-
 ``TILES`` (``dpo_loss.reduction_config``), is made as on CUDA.
 
 Each compiled variant is then read back from its cubin with the ``cuobjdump`` Triton ships: registers, stack and
-local memory. A variant that spills (stack or local memory > 0) fails, and so does a streaming kernel whose
-inputs are aligned but whose PTX has no 128-bit global load (it would run scalar). One line per variant, a summary,
-exit status non-zero on any failure. CI runs it.
+local memory. A variant that spills (stack or local memory beyond the local arrays its PTX declares) fails, and so
+does a streaming kernel whose inputs are aligned but whose PTX has no 128-bit global load (it would run scalar).
+One line per variant, a summary, exit status non-zero on any failure. CI runs it (Triton 3.9: no spills). With the
+GPU image's Triton 3.6 two variants spill: the InPO partial sums fp16 with float32 targets at TILES = 2 (8 B) and
+the bf16 Inversion-DPO partial sums at TILES = 8 (32 B, as the GPU review predicted).
 
 It must run with the real compiler, so ``TRITON_INTERPRET`` must not be set (it is refused if it is). It uses
 Triton's JIT internals (``create_function_from_signature``, ``JITFunction._pack_args``), present in 3.6 and 3.9;
@@ -256,6 +258,19 @@ def resources(cubin: bytes, tool: str | None) -> dict | None:
     return found or None
 
 
+def local_array_bytes(ptx: str) -> int:
+    """Bytes of local arrays the PTX itself declares (``__local_depot``: e.g. libdevice's sin/cos argument reduction,
+    which the in-kernel Box-Muller noise links and only takes for |x| > 1e5, never), rounded up to 16 as ptxas lays
+    out the frame. Stack beyond them is ptxas spilling registers."""
+    declared = sum(int(b) for b in re.findall(r"\.local[^\n]*__local_depot\d+\[(\d+)\]", ptx))
+    return -(-declared // 16) * 16
+
+
+def spill_bytes(res: dict, ptx: str) -> int:
+    """Stack and local memory of the compiled kernel beyond the PTX's own local arrays: register spills."""
+    return max(0, res.get("STACK", 0) + res.get("LOCAL", 0) - local_array_bytes(ptx))
+
+
 def compile_all(archs, verbose: bool = True) -> int:
     """Compile every variant for every arch and check its resources; returns the number of failures."""
     import triton
@@ -282,8 +297,11 @@ def compile_all(archs, verbose: bool = True) -> int:
                     problems.append("no ptx/cubin")
                 else:
                     res = resources(asm["cubin"], tool)
-                    if res and (res.get("STACK", 0) or res.get("LOCAL", 0)):
-                        problems.append(f"spills: stack {res.get('STACK', 0)} B, local {res.get('LOCAL', 0)} B")
+                    spilled = spill_bytes(res, asm["ptx"]) if res else 0
+                    if spilled:
+                        problems.append(f"spills {spilled} B (stack {res.get('STACK', 0)} B, local "
+                                        f"{res.get('LOCAL', 0)} B, arrays declared in the PTX "
+                                        f"{local_array_bytes(asm['ptx'])} B)")
                     if v.name in STREAMING and v.aligned_inputs() and not _V4_LOAD.search(asm["ptx"]):
                         problems.append("aligned inputs but no 128-bit global load")
             except Exception as err:  # report and keep going: one line per kernel, all failures listed
@@ -292,7 +310,7 @@ def compile_all(archs, verbose: bool = True) -> int:
                     traceback.print_exc()
             status = "ok" if not problems else "FAILED " + "; ".join(problems)
             failures += bool(problems)
-            usage = f" regs {res.get('REG')} stack {res.get('STACK', 0)}" if res else ""
+            usage = f" regs {res.get('REG')} stack {res.get('STACK', 0)} B" if res else ""
             print(f"sm_{arch} {v.label()}: {status}{usage} ({time.perf_counter() - t0:.2f}s; "
                   f"{len(v.scenarios)} launch site(s), e.g. {v.scenarios[0]})", flush=True)
     return failures, len(variants)
