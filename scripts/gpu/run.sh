@@ -236,21 +236,25 @@ memory() {
       --cases sdxl:diffusion-dpo:lora:bf16:bfloat16 sdxl:diffusion-dpo:lora:no sdxl:inpo:full:no
     return
   fi
-  for a in sdxl sd15; do
+  local failed=0
+  for a in sdxl sd15; do  # a failed case fails the stage at the end, after the other model's rows
     [ -f "$SCRATCH/pipes/$a/model_index.json" ] || "${FASTINPO[@]}" make-tiny-pipeline "$SCRATCH/pipes/$a" \
-      --size full --arch $a --dtype bfloat16 --device cuda || exit 1
+      --size full --arch $a --dtype bfloat16 --device cuda || { failed=1; continue; }
     if [ $a = sdxl ]; then
       "$PY" benchmarks/measure_memory.py table --device cuda --resolution 1024 --work "$w" --out "$RES" \
-        --pipeline "sdxl=$SCRATCH/pipes/sdxl" --cases sdxl:diffusion-dpo:lora:bf16 sdxl:diffusion-dpo:lora:bf16:float32 \
-        sdxl:diffusion-dpo:full:bf16 sdxl:inpo:lora:bf16 sdxl:diffusion-dpo:lora:fp16 sdxl:inpo:full:bf16 \
-        sdxl:diffusion-dpo:lora:no sdxl:diffusion-dpo:full:no || exit 1
+        --pipeline "sdxl=$SCRATCH/pipes/sdxl" \
+        --cases sdxl:diffusion-dpo:lora:bf16 sdxl:diffusion-dpo:lora:bf16:float32 sdxl:diffusion-dpo:full:bf16 \
+        sdxl:inpo:lora:bf16 sdxl:diffusion-dpo:lora:fp16 sdxl:inpo:full:bf16 sdxl:diffusion-dpo:lora:no \
+        sdxl:diffusion-dpo:full:no || failed=1
     else
       "$PY" benchmarks/measure_memory.py table --device cuda --resolution 512 --work "$w" --out "$RES" \
-        --pipeline "sd15=$SCRATCH/pipes/sd15" --cases sd15:diffusion-dpo:lora:bf16 sd15:diffusion-dpo:full:bf16 \
-        sd15:inpo:full:bf16 sd15:diffusion-dpo:lora:fp16 sd15:diffusion-dpo:full:fp16 sd15:diffusion-dpo:lora:no \
-        sd15:diffusion-dpo:full:no || exit 1
+        --pipeline "sd15=$SCRATCH/pipes/sd15" \
+        --cases sd15:diffusion-dpo:lora:bf16 sd15:diffusion-dpo:full:bf16 sd15:inpo:full:bf16 \
+        sd15:diffusion-dpo:lora:fp16 sd15:diffusion-dpo:full:fp16 sd15:diffusion-dpo:lora:no \
+        sd15:diffusion-dpo:full:no || failed=1
     fi
   done
+  return $failed
 }
 
 export -f wheels build correctness kernels train_step train_step_sd3 e2e memory
