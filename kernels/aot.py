@@ -111,7 +111,8 @@ def _scenarios():
             inversion_dpo.step_grad(torch.randn(2 * B), m, r, 0.5, N)
         return go
 
-    def ddim(B, d, e_dtype, fused, gather=False, cfg=False, active=False, noise=False, in_place=False, shape=SDXL):
+    def ddim(B, d, e_dtype, fused, gather=False, cfg=False, active=False, noise=False, in_place=False, shape=SDXL,
+             sample_base=0):
         def go():
             n = 2 * B
             x = randn((n, *shape), d)
@@ -125,7 +126,7 @@ def _scenarios():
                 x, eps, table, levels if gather else torch.full((n,), -1), levels, 0.9991,
                 cfg_scale=7.5 if cfg else None, active=torch.ones(n, dtype=torch.bool) if active else None,
                 noise_seed=1234 if noise else None, noise_scale=torch.rand(n) if noise else None,
-                out=x if in_place else None)
+                noise_sample_base=sample_base, out=x if in_place else None)
         return go
 
     def flow(B, d, v_dtype, shape=SDXL):
@@ -164,6 +165,9 @@ def _scenarios():
     out.append(("ddim fused odd shape B=1 float32", ddim(1, "float32", "float32", True, gather=True, noise=True,
                                                          shape=odd)))
     out.append(("flow euler odd shape B=1 float32", flow(1, "float32", "float32", shape=odd)))
+    # a numbered slice (noise_sample_base > 0): the seed argument becomes 64-bit
+    out.append(("ddim fused noise, rank 1 of a split batch, B=1 float32",
+                ddim(1, "float32", "float32", True, gather=True, noise=True, sample_base=2)))
     return out
 
 

@@ -94,7 +94,7 @@ def _ddim_step_kernel(
     if HAS_NOISE:
         # Philox key = (seed, sample): the high 32 bits of the 64-bit seed carry the sample index, so samples
         # get independent streams and consecutive seeds do not shift one sample's noise onto another's
-        key = (row << 32) + seed  # the host checks 0 <= seed < 2**32
+        key = (row << 32) + seed  # seed = (noise_sample_base << 32) + the user seed in [0, 2**32): host-checked
         z = tl.randn(key, offs)
         res = res + tl.load(nscale_ptr + row).to(tl.float32) * z
     if HAS_ACTIVE:
@@ -198,6 +198,7 @@ def ddim_inversion_step_fused(
     active: torch.Tensor | None = None,
     noise_seed: int | None = None,
     noise_scale: torch.Tensor | None = None,
+    noise_sample_base: int = 0,
     out: torch.Tensor | None = None,
     block: int | None = None,
 ) -> torch.Tensor:
@@ -211,8 +212,14 @@ def ddim_inversion_step_fused(
         alpha_init: ``ᾱ_init`` (SD configs: ``ᾱ_0``).
         cfg_scale: guidance scale g; ``eps = u + g (c - u)``.
         active: ``(n,)`` bool; inactive samples are returned unchanged.
-        noise_seed: Philox seed in ``[0, 2**32)``, required with ``noise_scale``.
+        noise_seed: Philox seed in ``[0, 2**32)``, required with ``noise_scale``. The noise of a sample depends
+            only on ``(noise_seed, noise_sample_base + its row, element)``: a call that repeats the seed and the
+            sample numbers repeats the noise, so use a new seed at every step (e.g. drawn from the run's
+            generator) and give every sample of the run its own number (GPU review item 9).
         noise_scale: ``(n,)`` per-sample scale of the added N(0, 1) noise (InPO: ``eta * sigma``).
+        noise_sample_base: the run-wide number of ``x``'s first sample, in ``[0, 2**31 - n]``: e.g.
+            ``rank * samples_per_rank`` under data parallelism, or a sample's position when ``x`` is a slice of a
+            larger batch — the same sample then gets the same noise however the batch is split.
         out: output tensor (``x`` itself for in place), shaped and typed like ``x``.
         block: tile width override (tests).
 
@@ -241,6 +248,11 @@ def ddim_inversion_step_fused(
         if noise_seed is None or not (0 <= int(noise_seed) < 2**32):
             raise ValueError(f"noise needs an integer noise_seed in [0, 2**32), got {noise_seed!r}")
         ns = _vec("noise_scale", noise_scale, n, dev, torch.float32)
+        if not (0 <= int(noise_sample_base) <= 2**31 - n):
+            raise ValueError(f"noise_sample_base must be in [0, 2**31 - {n}], got {noise_sample_base!r}")
+        # the kernel's Philox key is (row << 32) + seed: sample numbers offset by the base are the same key with
+        # (base << 32) folded into the 64-bit seed argument (no kernel change, one more i64 variant)
+        noise_seed = (int(noise_sample_base) << 32) + int(noise_seed)
     else:
         ns = None
     # levels >= T are not checked here (it would cost a device sync per step; gather_alphas is the checked path):

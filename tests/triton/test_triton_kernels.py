@@ -542,8 +542,9 @@ def test_ddim_step_fused_non_contiguous_and_lowp():
     assert_spec_rule(outb, expb, plain, floor=floorb, what="bf16 fused step")
 
 
-def _noise_of(seed, n=4, shape=(4, 64, 64), scale=1.0, active=None):
-    """The noise the fused step adds: (step with noise) - (step without), divided by the scale."""
+def _noise_of(seed, n=4, shape=(4, 64, 64), scale=1.0, active=None, rows=slice(None), sample_base=0):
+    """The noise the fused step adds: (step with noise) - (step without), divided by the scale; ``rows`` steps a
+    slice of the batch (with ``sample_base`` its first sample's number)."""
     from fastinpo.kernels.ddim_step import ddim_inversion_step_fused
 
     sch = NoiseSchedule.stable_diffusion()
@@ -551,11 +552,33 @@ def _noise_of(seed, n=4, shape=(4, 64, 64), scale=1.0, active=None):
     g = torch.Generator().manual_seed(2)
     x = torch.randn((n, *shape), generator=g)
     eps = torch.randn((n, *shape), generator=g)
+    x, eps, src, dst = x[rows], eps[rows], src[rows], dst[rows]
+    active = active[rows] if active is not None else None
     args = (x, eps, sch.alphas_cumprod, src, dst, sch.alpha_init)
-    ns = torch.full((n,), scale)
-    noisy = ddim_inversion_step_fused(*args, noise_seed=seed, noise_scale=ns, active=active)
+    ns = torch.full((x.shape[0],), scale)
+    noisy = ddim_inversion_step_fused(*args, noise_seed=seed, noise_scale=ns, active=active,
+                                      noise_sample_base=sample_base)
     clean = ddim_inversion_step_fused(*args, active=active)
     return noisy, (noisy.double() - clean.double()) / scale
+
+
+def test_noise_follows_the_sample_number_not_the_row():
+    """GPU review item 9: a batch split over ranks (or a slice of a batch) gives each sample the noise it has in
+    the whole batch when ``noise_sample_base`` numbers it; without the base, row 0 of every slice repeats sample 0's
+    noise; a base outside the int32 sample range is refused."""
+    from fastinpo.kernels.ddim_step import ddim_inversion_step_fused
+
+    _, whole = _noise_of(77, shape=(3, 16, 16))
+    _, tail = _noise_of(77, shape=(3, 16, 16), rows=slice(2, None), sample_base=2)
+    assert torch.equal(tail, whole[2:])
+    _, tail0 = _noise_of(77, shape=(3, 16, 16), rows=slice(2, None))
+    # the noise is recovered as (noisy - clean) of float32 steps on other x: equal up to their rounding (~1e-6)
+    assert torch.allclose(tail0[0], whole[0], atol=1e-5) and not torch.allclose(tail0[0], whole[2], atol=0.5)
+    sch = NoiseSchedule.stable_diffusion()
+    x = torch.randn(2, 3, 4, 4)
+    with pytest.raises(ValueError, match="noise_sample_base"):
+        ddim_inversion_step_fused(x, x, sch.alphas_cumprod, torch.tensor([10, 20]), torch.tensor([20, 30]),
+                                  sch.alpha_init, noise_seed=1, noise_scale=torch.ones(2), noise_sample_base=2**31)
 
 
 def test_noise_reproducible_and_seed_dependent():
