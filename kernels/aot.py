@@ -275,12 +275,19 @@ def spill_bytes(res: dict, ptx: str) -> int:
     return max(0, res.get("STACK", 0) + res.get("LOCAL", 0) - local_array_bytes(ptx))
 
 
-def compile_all(archs, verbose: bool = True) -> int:
-    """Compile every variant for every arch and check its resources; returns the number of failures."""
+def compile_variant(v: Variant, arch: int, attrs: dict | None = None):
+    """``triton.compile`` of one variant for ``sm_<arch>`` as the JIT would compile it (``attrs``: override the
+    binder's divisibility attributes, e.g. ``{}`` for the attribute-less compile the old check did)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source = ASTSource(v.fn, v.signature, v.constexprs, v.attrs if attrs is None else attrs)
+    return triton.compile(source, target=GPUTarget("cuda", int(arch), 32), options=v.options.__dict__)
+
+
+def compile_all(archs, verbose: bool = True) -> tuple[int, int]:
+    """Compile every variant for every arch and check its resources; returns (failures, distinct variants)."""
     variants = collect_variants()
     tool = _cuobjdump()
     if tool is None:
@@ -288,15 +295,12 @@ def compile_all(archs, verbose: bool = True) -> int:
     print(f"{len(variants)} distinct kernel variants from the launchers", flush=True)
     failures = 0
     for arch in archs:
-        target = GPUTarget("cuda", int(arch), 32)
         for v in variants:
             t0 = time.perf_counter()
             problems = []
             res = None
             try:
-                compiled = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=target,
-                                          options=v.options.__dict__)
-                asm = compiled.asm
+                asm = compile_variant(v, arch).asm
                 if not ("ptx" in asm and asm.get("cubin")):
                     problems.append("no ptx/cubin")
                 else:

@@ -236,23 +236,19 @@ memory() {
       --cases sdxl:diffusion-dpo:lora:bf16:bfloat16 sdxl:diffusion-dpo:lora:no sdxl:inpo:full:no
     return
   fi
-  local failed=0
+  # per model: its resolution and cases ("method:mode:precision[:base dtype]"), SDXL first
+  local -A res=([sdxl]=1024 [sd15]=512)
+  local -A cases=(
+    [sdxl]="diffusion-dpo:lora:bf16 diffusion-dpo:lora:bf16:float32 diffusion-dpo:full:bf16 inpo:lora:bf16
+            diffusion-dpo:lora:fp16 inpo:full:bf16 diffusion-dpo:lora:no diffusion-dpo:full:no"
+    [sd15]="diffusion-dpo:lora:bf16 diffusion-dpo:full:bf16 inpo:full:bf16 diffusion-dpo:lora:fp16
+            diffusion-dpo:full:fp16 diffusion-dpo:lora:no diffusion-dpo:full:no")
+  local failed=0 c
   for a in sdxl sd15; do  # a failed case fails the stage at the end, after the other model's rows
     [ -f "$SCRATCH/pipes/$a/model_index.json" ] || "${FASTINPO[@]}" make-tiny-pipeline "$SCRATCH/pipes/$a" \
       --size full --arch $a --dtype bfloat16 --device cuda || { failed=1; continue; }
-    if [ $a = sdxl ]; then
-      "$PY" benchmarks/measure_memory.py table --device cuda --resolution 1024 --work "$w" --out "$RES" \
-        --pipeline "sdxl=$SCRATCH/pipes/sdxl" \
-        --cases sdxl:diffusion-dpo:lora:bf16 sdxl:diffusion-dpo:lora:bf16:float32 sdxl:diffusion-dpo:full:bf16 \
-        sdxl:inpo:lora:bf16 sdxl:diffusion-dpo:lora:fp16 sdxl:inpo:full:bf16 sdxl:diffusion-dpo:lora:no \
-        sdxl:diffusion-dpo:full:no || failed=1
-    else
-      "$PY" benchmarks/measure_memory.py table --device cuda --resolution 512 --work "$w" --out "$RES" \
-        --pipeline "sd15=$SCRATCH/pipes/sd15" \
-        --cases sd15:diffusion-dpo:lora:bf16 sd15:diffusion-dpo:full:bf16 sd15:inpo:full:bf16 \
-        sd15:diffusion-dpo:lora:fp16 sd15:diffusion-dpo:full:fp16 sd15:diffusion-dpo:lora:no \
-        sd15:diffusion-dpo:full:no || failed=1
-    fi
+    "$PY" benchmarks/measure_memory.py table --device cuda --resolution "${res[$a]}" --work "$w" --out "$RES" \
+      --pipeline "$a=$SCRATCH/pipes/$a" --cases $(for c in ${cases[$a]}; do printf '%s ' "$a:$c"; done) || failed=1
   done
   return $failed
 }

@@ -695,17 +695,13 @@ def test_aot_compile_sm80_sm90():
 
 
 AOT_CONTROL = r"""
-import json, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
+import json
 from fastinpo.kernels import aot
 variants = aot.collect_variants()
 sig = lambda v, name: v.signature.get(name)
-stream = [v for v in variants if v.name in aot.STREAMING and v.aligned_inputs()]
-v = next(v for v in stream if v.name == "_sumsq_partials_kernel")
-target = GPUTarget("cuda", 90, 32)
-as_run = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, v.attrs), target=target, options=v.options.__dict__)
-bare = triton.compile(ASTSource(v.fn, v.signature, v.constexprs, {}), target=target, options=v.options.__dict__)
+v = next(v for v in variants if v.name == "_sumsq_partials_kernel" and v.aligned_inputs())
+as_run = aot.compile_variant(v, 90)
+bare = aot.compile_variant(v, 90, attrs={})
 print(json.dumps({
     "tiles": sorted({c for v in variants if v.name == "_sumsq_partials_kernel" for k, c in v.constexprs.items()
                      if v.fn.params[k[0]].name == "TILES"}),
